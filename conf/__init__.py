@@ -1,0 +1,1 @@
+"""Hydra config groups, packaged as `selfdistill.conf` so an installed trainer finds them."""

@@ -1,0 +1,1 @@
+"""Algorithms: advantages, per-token log-probs of completions, SFT, the GRPO update."""

@@ -1,0 +1,115 @@
+"""One GRPO-family step, split into the phases of DESIGN.md's data flow.
+
+rollout -> grade -> reward heads -> group advantages routed to token regions -> clipped policy
+update. The trainer calls these in order and times each phase; nothing here owns a loop over steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from selfdistill import ops
+from selfdistill.algo.advantages import group_centered, meta_weight, reward_metrics, route_advantages, zero_std_stats
+from selfdistill.algo.logprobs import completion_logprobs
+from selfdistill.config import Config
+from selfdistill.rewards.regions import meta_regions
+from selfdistill.rollout.base import MetaMode, RolloutBatch
+
+
+def meta_modes_for_group(cfg: Config) -> list[MetaMode]:
+    """The n meta modes of one group: all `allow`, or n/2 `allow` then n/2 without (cf, asym_cf)."""
+    n = cfg.rollout.n
+    if not cfg.rollout.split_arms:
+        return [MetaMode.ALLOW] * n
+    without = MetaMode.PLACEBO if cfg.rollout.without_mode == "placebo" else MetaMode.BAN
+    return [MetaMode.ALLOW] * (n // 2) + [without] * (n - n // 2)
+
+
+def generate_group_rollouts(backend, prompts: list[list[int]], cfg: Config) -> RolloutBatch:
+    n = cfg.rollout.n
+    modes = meta_modes_for_group(cfg) * len(prompts)
+    batch = backend.generate(
+        [p for p in prompts for _ in range(n)], modes, max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+    )
+    batch.group_ids = torch.arange(len(prompts)).repeat_interleave(n)
+    return batch
+
+
+@dataclass
+class Advantages:
+    tokens: Tensor  # [R, T] routed per-token advantages
+    keep: Tensor  # [R] bool: rows kept after zero-std filtering
+    metrics: dict[str, float]
+
+
+def assemble_advantages(batch: RolloutBatch, heads: dict[str, Tensor], meta_route: str | None, meta_ids: tuple[int, int],
+                        cfg: Config, steps_applied: int) -> Advantages:
+    """Centre each head on its group (SPEC section 4), weight the meta head, route to token regions."""
+    g = batch.group_ids
+    adv_correct, _ = group_centered(heads["correctness"], g)
+    w = meta_weight(steps_applied, cfg.reward.meta_weight, cfg.reward.meta_warmup_steps)
+    meta_heads = [k for k in heads if k != "correctness"]
+    meta_adv = group_centered(heads[meta_heads[0]], g)[0] if meta_heads else None
+    regions = meta_regions(batch.completion_ids, batch.lengths, *meta_ids)
+    tokens = route_advantages(adv_correct, meta_adv, meta_route, meta_mask=regions.meta, answer_mask=regions.answer,
+                              valid_mask=regions.valid, with_arm=batch.with_arm, meta_w=w if meta_adv is not None else None)
+    keep = zero_std_stats(heads, g).keep if cfg.algo.filter_zero_std else torch.ones(len(batch), dtype=torch.bool)
+    metrics = {**reward_metrics(heads, g), "reward/meta_weight": w}
+    return Advantages(tokens=tokens, keep=keep, metrics=metrics)
+
+
+def select_rows(batch: RolloutBatch, adv: Tensor, keep: Tensor) -> tuple[RolloutBatch, Tensor]:
+    idx = keep.nonzero(as_tuple=True)[0]
+    sub = RolloutBatch(
+        prompt_ids=[batch.prompt_ids[i] for i in idx.tolist()],
+        completion_ids=batch.completion_ids[idx], completion_mask=batch.completion_mask[idx],
+        forced_mask=batch.forced_mask[idx], group_ids=batch.group_ids[idx], with_arm=batch.with_arm[idx],
+        texts=[batch.texts[i] for i in idx.tolist()],
+    )
+    return sub, adv[idx]
+
+
+def policy_update(engine, batch: RolloutBatch, token_adv: Tensor, pad_id: int, cfg: Config, step: int,
+                  ref_model=None) -> tuple[int, dict[str, float]]:
+    """PPO-style epochs x minibatches of the clipped loss. Returns (optimizer steps applied, metrics)."""
+    a, model, temp = cfg.algo, engine.model, cfg.rollout.temperature
+    device = engine.device
+    R = len(batch)
+    old_logp = ref_logp = None
+    if a.ppo_epochs > 1 or a.num_minibatches > 1:
+        with torch.no_grad():
+            old_logp, _ = completion_logprobs(model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id, temp)
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logp, _ = completion_logprobs(ref_model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id, temp)
+    loss_mask = batch.loss_mask.to(device)
+    lengths = batch.lengths.to(device)
+    token_adv = token_adv.to(device)
+    applied, sums, count = 0, {}, 0
+    for _ in range(a.ppo_epochs):
+        for rows in torch.arange(R).chunk(a.num_minibatches):
+            if rows.numel() == 0:
+                continue
+            r = rows.tolist()
+            logp, entropy = completion_logprobs(
+                model, [batch.prompt_ids[i] for i in r], batch.completion_ids[rows], batch.completion_mask[rows], pad_id, temp, with_entropy=True,
+            )
+            old = old_logp[rows] if old_logp is not None else logp.detach()
+            loss, stats = ops.dispatched_policy_loss(
+                logp, old, token_adv[rows], loss_mask[rows], lengths[rows],
+                ref_logp=ref_logp[rows] if ref_logp is not None else None, entropy=entropy,
+                loss_type=a.loss_type, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+                token_weighting=a.token_weighting, max_len_norm=a.max_len_norm or cfg.rollout.max_new_tokens,
+            )
+            engine.backward(loss)
+            ok, grad_norm = engine.step(float(loss.detach()), step + applied)
+            applied += int(ok)
+            count += 1
+            for k, v in {"loss": float(loss.detach()), "grad_norm": grad_norm, **{k: float(v) for k, v in stats.items()}}.items():
+                sums[k] = sums.get(k, 0.0) + v
+    return applied, {k: v / max(count, 1) for k, v in sums.items()}

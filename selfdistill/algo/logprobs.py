@@ -1,0 +1,53 @@
+"""Per-token log-probs (and entropy) of completion tokens under a causal LM.
+
+Sequences are laid out as [left-padded prompt | right-padded completion]; position ids follow the
+attention mask so a left-padded row is positioned exactly as it was during generation. Only the
+hidden states of real completion positions go through the LM head, via the fused-linear op
+(`selfdistill.ops`), so [tokens, vocab] logits are never built for padding, and with the Triton
+backend never built at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from selfdistill import ops
+from selfdistill.rollout.base import pad_left
+
+
+def build_sequences(prompt_ids: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad_id: int):
+    """(input_ids [R, P+T], attention_mask, position_ids, P) for prompt + completion."""
+    p_ids, p_mask = pad_left(prompt_ids, pad_id)
+    input_ids = torch.cat([p_ids, completion_ids.cpu()], dim=1)
+    attn = torch.cat([p_mask, completion_mask.long().cpu()], dim=1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    return input_ids, attn, pos, p_ids.shape[1]
+
+
+def unwrap(model):
+    """The underlying HF model of an engine-wrapped one (DDP/FSDP/DeepSpeed keep it in .module)."""
+    return getattr(model, "module", model)
+
+
+def completion_logprobs(
+    model, prompt_ids: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad_id: int,
+    temperature: float = 1.0, with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """logp [R, T] (0 outside `completion_mask`) and optionally entropy [R, T], fp32."""
+    device = next(model.parameters()).device
+    input_ids, attn, pos, P = build_sequences(prompt_ids, completion_ids, completion_mask, pad_id)
+    hf = unwrap(model)
+    decoder = hf.get_decoder()
+    hidden = decoder(input_ids=input_ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
+    T = completion_ids.shape[1]
+    mask = completion_mask.to(device)
+    h = hidden[:, P - 1: P - 1 + T][mask]  # the state before each completion token predicts it
+    targets = completion_ids.to(device)[mask]
+    weight = hf.get_output_embeddings().weight
+    lp, ent = ops.sequence_token_logprobs(h, weight, targets, temperature)
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, lp)
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, ent)
+    return logp, entropy

@@ -1,0 +1,40 @@
+"""Held-in / held-out evaluation: accuracy overall, per domain (data_source) and per difficulty band."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from tqdm.auto import tqdm
+
+from selfdistill.data import Example, encode_prompt
+from selfdistill.rollout.base import MetaMode
+
+
+def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tokens: int, batch_size: int,
+             greedy: bool = True, temperature: float = 1.0, system_prompt: str | None = None,
+             prefix: str = "eval", progress: bool = True) -> dict[str, float]:
+    """Generate one completion per example (greedy by default), grade, and aggregate."""
+    if not examples:
+        raise ValueError("evaluation split is empty: set data.eval_path or data.synthetic.num_eval")
+    correct: list[int] = []
+    meta_emitted: list[bool] = []
+    bar = tqdm(total=len(examples), desc=prefix, disable=not progress, leave=False)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in chunk]
+        batch = backend.generate(prompts, [MetaMode.ALLOW] * len(chunk), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=1.0, greedy=greedy)
+        grades = grader.grade(batch.texts, [ex.gold for ex in chunk])
+        correct.extend(int(g == 1) for g in grades)
+        meta_emitted.extend("<|meta|>" in t for t in batch.texts)
+        bar.update(len(chunk))
+    bar.close()
+    out = {f"{prefix}/accuracy": sum(correct) / len(correct), f"{prefix}/meta_emission_rate": sum(meta_emitted) / len(meta_emitted),
+           f"{prefix}/n": float(len(correct))}
+    for key, attr in (("domain", "domain"), ("band", "difficulty")):
+        groups: dict[str, list[int]] = defaultdict(list)
+        for ex, c in zip(examples, correct):
+            groups[str(getattr(ex, attr))].append(c)
+        for name, cs in sorted(groups.items()):
+            out[f"{prefix}/{key}/{name}/accuracy"] = sum(cs) / len(cs)
+    return out

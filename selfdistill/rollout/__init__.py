@@ -1,0 +1,5 @@
+"""Rollout generation behind a small interface (HF generate now; vLLM/SGLang can plug in)."""
+
+from selfdistill.rollout.base import MetaMode, RolloutBackend, RolloutBatch, build_rollout_backend
+
+__all__ = ["MetaMode", "RolloutBackend", "RolloutBatch", "build_rollout_backend"]
