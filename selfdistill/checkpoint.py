@@ -110,7 +110,7 @@ def save_checkpoint(run_dir: str, name: str, *, engine, tokenizer, trainer_state
         os.replace(latest_tmp, os.path.join(root, "latest"))
         _fsync_dir(root)
         if keep_last > 0:
-            _prune(root, keep_last, protect=(name, *protect))
+            _prune(root, keep_last, protect=protect)
     engine.barrier()
     return final
 
@@ -119,11 +119,13 @@ def _complete_checkpoints(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     names = [n for n in os.listdir(root) if _NAME.match(n) and os.path.isfile(os.path.join(root, n, COMPLETE))]
-    return sorted(names, key=lambda n: os.path.getmtime(os.path.join(root, n, COMPLETE)))
+    # the step in a name is the run's global step, which only grows, across stages too
+    return sorted(names, key=lambda n: int(_NAME.match(n)["step"]))
 
 
 def _prune(root: str, keep_last: int, protect: tuple[str, ...]) -> None:
-    names = [n for n in _complete_checkpoints(root) if n not in protect and not n.endswith("-final")]
+    """Keep the newest `keep_last` checkpoints plus the protected ones (e.g. the reference)."""
+    names = [n for n in _complete_checkpoints(root) if n not in protect]
     for n in names[:-keep_last] if len(names) > keep_last else []:
         shutil.rmtree(os.path.join(root, n), ignore_errors=True)
 
