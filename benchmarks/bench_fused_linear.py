@@ -1,0 +1,88 @@
+"""Microbenchmark: log-prob + entropy from hidden [N, H] and the LM head [V, H] (kernels/fused_linear.py).
+
+Providers: `torch_naive` (full [N, V] logits, fp32 log_softmax), `torch_reference`
+(selfdistill.ops.reference, row-chunked), `torch_compile` (torch.compile of the naive code),
+`triton` (selfdistill.kernels: chunked matmul + the token-logprob kernel, logits never whole),
+`liger` (Liger's fused-linear cross-entropy, reduction="none": -logp only, when installed).
+Throughput: model TFLOP/s, fwd = 2 N V H, fwd_bwd = 6 N V H (the Triton path spends 8 N V H: it
+recomputes each chunk's logits in the backward instead of keeping N x V alive).
+
+    python benchmarks/bench_fused_linear.py --json out.json
+    python benchmarks/bench_fused_linear.py --device cpu --json out.json
+"""
+
+from __future__ import annotations
+
+import torch
+
+from _common import compiled, dtype_of, emit, kernels, liger_functional, measure, parse_args, shape_label
+
+PRESETS = {
+    "real": [dict(N=16384, H=4096, V=151936, dtype="bf16"), dict(N=4096, H=4096, V=151936, dtype="bf16")],
+    "small": [dict(N=1024, H=512, V=32000, dtype="fp32")],
+    "tiny": [dict(N=16, H=32, V=500, dtype="fp32")],
+}
+PROVIDERS = ["torch_naive", "torch_reference", "torch_compile", "triton", "liger"]
+
+
+def naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    logp_all = torch.log_softmax((hidden @ weight.t()).float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def provider_fn(name: str):
+    if name == "torch_naive":
+        return naive
+    if name == "torch_reference":
+        from selfdistill.ops.reference import fused_linear_token_logprobs
+
+        return fused_linear_token_logprobs
+    if name == "torch_compile":
+        return compiled(naive)
+    if name == "triton":
+        return kernels().fused_linear_token_logprobs
+    if name == "liger":
+        lf = liger_functional()
+        if lf is None:
+            raise ImportError("liger_kernel is not installed")
+        return lambda h, w, t: (-lf.liger_fused_linear_cross_entropy(h, w, t, reduction="none"),)
+    raise ValueError(name)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], PRESETS, PROVIDERS)
+    rows: list[dict] = []
+    for shape in args.shapes:
+        N, H, V, dtype = shape["N"], shape["H"], shape["V"], dtype_of(shape["dtype"])
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        hidden = torch.randn(N, H, device=args.device, generator=gen).to(dtype)
+        weight = (torch.randn(V, H, device=args.device, generator=gen) / H**0.5).to(dtype)
+        targets = torch.randint(0, V, (N,), device=args.device, generator=gen)
+        upstream = torch.randn(N, device=args.device, generator=gen)
+        for provider in args.providers:
+            base = dict(shape=shape_label(shape), provider=provider)
+            try:
+                fn = provider_fn(provider)
+            except Exception as e:  # noqa: BLE001
+                rows.append({**base, "mode": "fwd", "error": f"{type(e).__name__}: {e}"})
+                continue
+
+            def fwd():
+                with torch.no_grad():
+                    return fn(hidden, weight, targets)
+
+            def fwd_bwd():
+                h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+                out = fn(h, w, targets)
+                loss = (out[0] * upstream).sum() + (out[1].sum() * 1e-3 if len(out) > 1 else 0.0)
+                loss.backward()
+                return h.grad, w.grad
+
+            measure(rows, {**base, "mode": "fwd"}, fwd, args, flops=2 * N * V * H)
+            measure(rows, {**base, "mode": "fwd_bwd"}, fwd_bwd, args, flops=6 * N * V * H)
+    emit("fused_linear_token_logprobs", rows, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Backend dispatch for the fused ops: one signature, three implementations.
+
+`set_backend("torch" | "triton" | "cuda" | "auto")` picks the implementation used by the trainer;
+`auto` means Triton on CUDA tensors and the torch reference on CPU. An explicit `triton` on CPU
+runs through the Triton interpreter (set TRITON_INTERPRET=1 before `selfdistill.kernels` is first
+imported; slow, for tests). `cuda` (the csrc extension) is not written yet and raises.
+The torch references are importable here under the same names as in `selfdistill.kernels`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from selfdistill.ops import reference
+from selfdistill.ops.reference import (  # noqa: F401  (public API: the torch references)
+    clipped_mean_min,
+    fused_linear_token_logprobs,
+    gold_decoy_contrast,
+    gold_decoy_did,
+    kl_penalty,
+    policy_loss,
+    progressive_token_weights,
+    token_logprobs,
+)
+
+_BACKEND = "auto"
+_VALID = ("auto", "torch", "triton", "cuda")
+
+
+def set_backend(name: str) -> None:
+    global _BACKEND
+    if name not in _VALID:
+        raise ValueError(f"ops.backend={name!r} is not valid; choose one of {', '.join(_VALID)}")
+    if name == "cuda":
+        raise NotImplementedError("ops.backend=cuda: the csrc extension does not provide these ops yet; use triton or torch")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def resolve(device_type: str) -> str:
+    """The implementation `auto` resolves to for tensors on `device_type`."""
+    if _BACKEND != "auto":
+        return _BACKEND
+    return "triton" if device_type == "cuda" and _triton_compiles() else "torch"
+
+
+def _triton_compiles() -> bool:
+    """Triton importable and not in interpreter mode (the interpreter cannot take CUDA tensors)."""
+    try:
+        import selfdistill.kernels as kernels
+    except ImportError:
+        return False
+    return not kernels.INTERPRETED
+
+
+def _impl(name: str, device_type: str):
+    if resolve(device_type) == "triton":
+        import selfdistill.kernels as kernels
+
+        fn = getattr(kernels, name, None)
+        if fn is not None:
+            return fn
+        raise NotImplementedError(f"ops.backend=triton has no kernel for {name!r} yet; use ops.backend=torch")
+    return getattr(reference, name)
+
+
+def sequence_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Dispatched fused-linear log-probs: hidden [N, H], LM head weight [V, H], targets [N]."""
+    return _impl("fused_linear_token_logprobs", hidden.device.type)(hidden, weight, targets, temperature)
+
+
+def dispatched_token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Dispatched `token_logprobs`: logits [N, V], targets [N] -> fp32 (logp, entropy)."""
+    return _impl("token_logprobs", logits.device.type)(logits, targets, temperature)
+
+
+def dispatched_policy_loss(*args, **kwargs):
+    """Dispatched `policy_loss` (same signature as `reference.policy_loss`)."""
+    return _impl("policy_loss", args[0].device.type)(*args, **kwargs)
+
+
+def dispatched_gold_decoy_contrast(
+    gold_logits: Tensor, decoy_logits: Tensor | None, gold_ids: Tensor, decoy_ids: Tensor, divergent: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Dispatched `gold_decoy_contrast` -> fp32 (contrast [R, K], belief [R])."""
+    return _impl("gold_decoy_contrast", gold_logits.device.type)(gold_logits, decoy_logits, gold_ids, decoy_ids, divergent, temperature)
+
+
+def dispatched_clipped_mean_min(values: Tensor, mask: Tensor, clip: float = reference.REWARD_CLIP, min_weight: float = reference.MIN_WEIGHT) -> Tensor:
+    """Dispatched `clipped_mean_min` (PMI's `mean_min` aggregation, gm's reduction)."""
+    return _impl("clipped_mean_min", values.device.type)(values, mask, clip, min_weight)
+
+
+def dispatched_gold_decoy_did(
+    contrast_meta: Tensor, contrast_placebo: Tensor, divergent: Tensor,
+    clip: float = reference.REWARD_CLIP, min_weight: float = reference.MIN_WEIGHT,
+) -> Tensor:
+    """Dispatched `gold_decoy_did`: gm's x from the contrasts after X + M and X + placebo."""
+    return dispatched_clipped_mean_min(contrast_meta - contrast_placebo, divergent, clip, min_weight)

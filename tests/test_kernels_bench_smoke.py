@@ -1,0 +1,44 @@
+"""The kernel microbenchmarks run end to end at a tiny CPU shape and write well-formed JSON.
+
+One subprocess per script (benchmarks/bench_*.py), eager torch reference and the Triton kernel
+through the interpreter; torch.compile is left out here only because compiling costs more than the
+whole smoke run. Checks the document's keys and that every number is finite.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPTS = {
+    "bench_token_logprobs.py": ("token_logprobs", "torch_reference,triton", "gbps", {"fwd", "fwd_bwd"}),
+    "bench_fused_linear.py": ("fused_linear_token_logprobs", "torch_reference,triton", "tflops", {"fwd", "fwd_bwd"}),
+    "bench_contrast.py": ("gold_decoy_contrast", "torch_reference,triton", "gbps", {"fwd"}),
+    "bench_policy_loss.py": ("policy_loss", "torch_reference,triton", "gbps", {"fwd_bwd"}),
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_script_writes_finite_json(script, tmp_path):
+    kernel, providers, throughput, modes = SCRIPTS[script]
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--preset", "tiny",
+           "--providers", providers, "--reps", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert {"kernel", "device", "device_name", "preset", "reps", "torch", "triton", "rows"} <= doc.keys()
+    assert doc["kernel"] == kernel and doc["device"] == "cpu" and doc["preset"] == "tiny"
+    rows = doc["rows"]
+    assert {r["provider"] for r in rows} == set(providers.split(","))
+    assert {r["mode"] for r in rows} == modes
+    for r in rows:
+        assert "error" not in r, r
+        for key in ("ms", "peak_mem_mb", throughput):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["ms"] > 0

@@ -1,0 +1,175 @@
+"""Triton `gold_decoy_contrast` and `clipped_mean_min` (kernels/contrast.py), SPEC sections 1-2.
+
+The ground truth is the two-pass definition in fp64: log_softmax of the gold row at the gold token
+minus log_softmax of the decoy row at the decoy token, at every divergent position. At a row's
+first divergent position the kernel reads one row (z[gold] - z[decoy]); the tests build decoy
+logits whose rows equal the gold rows up to and including that position, as a real model's would
+(the prefixes agree), so the shortcut must reproduce the two-pass value.
+"""
+
+import math
+import os
+
+# Read when selfdistill.kernels is first imported, and again by triton at its first interpreted
+# launch (so it stays set for the rest of this pytest process).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+kernels = pytest.importorskip("selfdistill.kernels")
+if not kernels.INTERPRETED:
+    pytest.skip("selfdistill.kernels was imported before TRITON_INTERPRET=1; run kernel tests in their own process", allow_module_level=True)
+
+from selfdistill import ops  # noqa: E402
+from selfdistill.ops import reference  # noqa: E402
+
+
+def two_pass(gold, decoy, gold_ids, decoy_ids, divergent, temperature=1.0):
+    """Per-position contrast by the definition, and the belief (plain sum; NaN for no divergence)."""
+    lg = torch.log_softmax(gold / temperature, -1).gather(-1, gold_ids.unsqueeze(-1)).squeeze(-1)
+    ld = torch.log_softmax(decoy / temperature, -1).gather(-1, decoy_ids.unsqueeze(-1)).squeeze(-1)
+    contrast = torch.where(divergent, lg - ld, 0.0)
+    belief = torch.where(divergent.any(-1), contrast.sum(-1), float("nan"))
+    return contrast, belief
+
+
+def make_batch(R, K, V, seed, divergent):
+    gen = torch.Generator().manual_seed(seed)
+    gold = torch.randn(R, K, V, generator=gen, dtype=torch.float64) * 3
+    decoy = torch.randn(R, K, V, generator=gen, dtype=torch.float64) * 3
+    first = divergent & (divergent.cumsum(-1) == 1)
+    shared_prefix = (divergent.cumsum(-1) == 0) | first  # positions whose gold and decoy prefixes agree
+    decoy = torch.where(shared_prefix.unsqueeze(-1), gold, decoy)
+    gold_ids = torch.randint(0, V, (R, K), generator=gen)
+    decoy_ids = torch.where(divergent, (gold_ids + 1 + torch.randint(0, V - 1, (R, K), generator=gen)) % V, gold_ids)
+    decoy_ids = torch.where(divergent, decoy_ids, -1)  # padding ids are never read
+    gold_ids = torch.where(divergent, gold_ids, -1)
+    return gold, decoy, gold_ids, decoy_ids
+
+
+def err(a, b) -> float:
+    return (a.double() - b.double()).nan_to_num(0.0).abs().max().item()
+
+
+DIVERGENT = torch.tensor([
+    [False, True, False, False, False],   # one divergent position: no decoy pass needed
+    [False, False, True, True, True],     # first + two later
+    [True, False, True, False, True],
+    [False, False, False, False, False],  # nothing divergent: not scorable -> NaN
+])
+
+
+@pytest.mark.parametrize("V", [37, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_contrast_and_belief_match_the_two_pass_definition(V, temperature):
+    gold, decoy, gold_ids, decoy_ids, = make_batch(4, 5, V, seed=V, divergent=DIVERGENT)
+    want_c, want_b = two_pass(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT, temperature)
+    torch_c, _ = two_pass(gold.float(), decoy.float(), gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT, temperature)
+    floor = 1e-5
+    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+        c, b = impl(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT, temperature)
+        assert err(c, want_c) <= max(2 * err(torch_c, want_c), floor), impl.__module__
+        assert torch.isnan(b[3]) and not torch.isnan(b[:3]).any()
+        assert err(b[:3], want_b[:3]) <= 4 * floor
+        assert torch.all(c[~DIVERGENT] == 0)
+
+
+def test_first_position_needs_no_decoy_pass():
+    one = DIVERGENT[[0, 3]]
+    gold, decoy, gold_ids, decoy_ids = make_batch(2, 5, 300, seed=1, divergent=one)
+    want_c, want_b = two_pass(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), one)
+    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+        c, b = impl(gold.float(), None, gold_ids, decoy_ids, one)
+        assert err(c, want_c) < 1e-5 and err(b, want_b) < 1e-5 and torch.isnan(b[1])
+    with pytest.raises(ValueError, match="decoy pass"):
+        kernels.gold_decoy_contrast(gold.float(), None, gold_ids, decoy_ids, DIVERGENT[[1, 2]])
+
+
+def test_spec_worked_case_open_minus_one_close_plus_one():
+    # SPEC section 2, PMI-shift: one divergent position, (gold, decoy) log-probs (-2, -1) at open and
+    # (-1, -2) at close -> open = -1, close = +1. Logits equal to the log-probs (the rest of the
+    # mass on a third token) make log_softmax return them exactly.
+    def row(lp_gold, lp_decoy):
+        rest = math.log(1 - math.exp(lp_gold) - math.exp(lp_decoy))
+        return torch.tensor([lp_gold, lp_decoy, rest])
+
+    logits = torch.stack([row(-2.0, -1.0), row(-1.0, -2.0)]).view(2, 1, 3)
+    ids_g, ids_d = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)
+    divergent = torch.ones(2, 1, dtype=torch.bool)
+    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+        c, belief = impl(logits, None, ids_g, ids_d, divergent)
+        assert belief.tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)
+        assert c.view(-1).tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)
+
+
+def test_nonfinite_term_makes_the_row_a_non_member():
+    gold = torch.zeros(2, 2, 10)
+    gold[0, 0, 3] = float("-inf")  # log p(gold) = -inf at a divergent position
+    ids_g = torch.tensor([[3, 0], [3, 0]])
+    ids_d = torch.tensor([[4, 1], [4, 1]])
+    divergent = torch.tensor([[True, False], [True, False]])
+    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+        _, belief = impl(gold, None, ids_g, ids_d, divergent)
+        assert torch.isnan(belief[0]) and belief[1].item() == 0.0
+
+
+def test_gradients_match_fp64():
+    gold, decoy, gold_ids, decoy_ids = make_batch(4, 5, 200, seed=7, divergent=DIVERGENT)
+    upstream = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def grads(fn, g, d):
+        g, d = g.clone().requires_grad_(), d.clone().requires_grad_()
+        c, b = fn(g, d, gold_ids.clamp(min=0) if fn is two_pass else gold_ids, decoy_ids.clamp(min=0) if fn is two_pass else decoy_ids, DIVERGENT)
+        ((c * upstream.to(c.dtype)).sum() + b[:3].sum()).backward()
+        return g.grad, d.grad
+
+    want = grads(two_pass, gold, decoy)
+    # the kernel differentiates z[g] - z[d] of the gold row at first positions, the definition
+    # differentiates both rows; with equal rows the sums over both agree
+    want_first_folded = want[0] + torch.where((DIVERGENT & (DIVERGENT.cumsum(-1) == 1)).unsqueeze(-1), want[1], 0.0)
+    want_decoy = torch.where((DIVERGENT & (DIVERGENT.cumsum(-1) == 1)).unsqueeze(-1), 0.0, want[1])
+    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+        got = grads(impl, gold.float(), decoy.float())
+        assert err(got[0], want_first_folded) < 1e-5 and err(got[1], want_decoy) < 1e-5, impl.__module__
+
+
+def test_clipped_mean_min_hand_worked():
+    values = torch.tensor([
+        [0.5, -3.0, 1.0, 9.0],            # clip -> 0.5, -2, 1 (last masked out): mean -1/6, min -2
+        [0.0, 0.0, 0.0, 0.0],             # decorative meta: gold and decoy move together -> 0
+        [1.0, float("inf"), 0.0, 0.0],    # inf among used values: non-member, not clipped to 2
+        [1.0, 2.0, 3.0, 4.0],             # nothing masked in: non-member
+        [float("nan"), 3.0, 0.0, 0.0],    # NaN off the mask is ignored -> clip(3) = 2: 2 + 2
+    ])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    for impl in (kernels.clipped_mean_min, reference.clipped_mean_min):
+        out = impl(values, mask)
+        assert out[0].item() == pytest.approx(-1 / 6 - 2, abs=1e-6)
+        assert out[1].item() == 0.0
+        assert torch.isnan(out[2]) and torch.isnan(out[3])
+        assert out[4].item() == pytest.approx(4.0)
+
+
+def test_clipped_mean_min_random_and_gm_dispatch():
+    gen = torch.Generator().manual_seed(3)
+    cm, cp = torch.randn(7, 1100, generator=gen) * 2, torch.randn(7, 1100, generator=gen) * 2
+    mask = torch.rand(7, 1100, generator=gen) < 0.3
+    did = (cm.double() - cp.double()).clamp(-2, 2)
+    want = torch.stack([did[r][mask[r]].mean() + did[r][mask[r]].min() for r in range(7)])
+    got = kernels.clipped_mean_min(cm - cp, mask)
+    assert err(got, want) < 1e-5
+    try:
+        ops.set_backend("triton")
+        via_ops = ops.dispatched_gold_decoy_did(cm, cp, mask)
+    finally:
+        ops.set_backend("auto")
+    assert torch.equal(via_ops, got)
+    assert err(reference.gold_decoy_did(cm, cp, mask), want) < 1e-5
+
+
+def test_deterministic_across_runs():
+    gold, decoy, gold_ids, decoy_ids = make_batch(4, 5, 300, seed=9, divergent=DIVERGENT)
+    a = kernels.gold_decoy_contrast(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
+    b = kernels.gold_decoy_contrast(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1].nan_to_num(), b[1].nan_to_num())
