@@ -47,6 +47,9 @@ class TrainState:
     num_tokens: int = 0
     global_step: int = 0  # iterations over all stages (TensorBoard x-axis)
     reference: str | None = None  # checkpoint holding the frozen reference/scorer weights
+    skipped_steps: int = 0  # optimizer steps refused for non-finite values (trainer.on_nonfinite=skip)
+    grader: dict = field(default_factory=dict)  # cumulative grader counters
+    metrics_rows: int = 0  # metrics.jsonl rows written up to this state
     sampler: dict = field(default_factory=dict)
     evals: list = field(default_factory=list)  # [{"after": stage, **metrics}]
 
@@ -96,6 +99,10 @@ class Trainer:
         ckpt.load_model_weights(self.engine.unwrapped(), path)
         self.state = TrainState(**saved["state"])
         self.sampler.load_state_dict(self.state.sampler)
+        self.engine.skipped_steps = self.state.skipped_steps
+        for k in ("graded", "timeouts", "crashes"):
+            setattr(self.grader, k, int(self.state.grader.get(f"grader/{k}", 0)))
+        self.metrics.truncate_to(self.state.metrics_rows)  # rows a killed run logged after this checkpoint
         self._pending_optim = saved.get("optim")
         ckpt.load_rng_state(path, self.engine.rank)
         if self.engine.is_main:
@@ -104,6 +111,9 @@ class Trainer:
     def save(self) -> str:
         st = self.state
         st.sampler = self.sampler.state_dict()
+        st.skipped_steps = self.engine.skipped_steps
+        st.metrics_rows = self.metrics.rows
+        st.grader = self.grader.metrics()
         stage = self.cfg.trainer.stages[min(st.stage_index, len(self.cfg.trainer.stages) - 1)]
         name = ckpt.checkpoint_name(stage, st.global_step)
         protect = (os.path.basename(st.reference),) if st.reference else ()
@@ -226,7 +236,7 @@ class Trainer:
             record = self.engine.reduce_mean(record)
             record.update({"perf/step_s": dt, "perf/tokens_per_s": ntok / dt, "num_tokens": self.state.num_tokens,
                            "lr": self.engine.scheduler.get_last_lr()[0], "train/skipped_steps": self.engine.skipped_steps,
-                           "grader/timeouts": self.grader.timeouts, **{f"perf/{k}_s": v for k, v in times.items()}})
+                           **self.grader.metrics(), **{f"perf/{k}_s": v for k, v in times.items()}})
             self._after_step(record, bar, "grpo")
         bar.close()
 
