@@ -18,7 +18,7 @@ TINY_RUN = [
     "sft.steps=4", "sft.batch_size=8", "sft.warmup_steps=1",
     "grpo.steps=3", "grpo.batch_size=2", "rollout.n=4", "rollout.max_new_tokens=16",
     "eval.max_new_tokens=16", "trainer.progress=false", "trainer.tensorboard=false",
-    "reward.grader_workers=1",
+    "reward.grader_workers=1", "trainer.torch_threads=1",
 ]
 
 
