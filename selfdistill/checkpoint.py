@@ -6,6 +6,7 @@ Layout under `<run_dir>/checkpoints/`:
         model.safetensors, config.json, tokenizer files   (AutoModelForCausalLM.from_pretrained works)
         trainer_state.pt           step, stage, sampler, warmup position, optimizer, scheduler
         rng-rank00000.pt ...       every RNG of every rank
+        optimizer/ | deepspeed/    FSDP2 / DeepSpeed only: per-rank optimizer shards
         COMPLETE                   written last, before the rename
     latest                         name of the newest complete checkpoint (replaced atomically)
 
@@ -93,6 +94,7 @@ def save_checkpoint(run_dir: str, name: str, *, engine, tokenizer, trainer_state
         torch.save({**trainer_state, "optim": opt_state}, os.path.join(tmp, "trainer_state.pt"))
     engine.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{engine.rank:05d}.pt"))
+    engine.save_sharded_state(tmp)  # FSDP2 / DeepSpeed: every rank writes its optimizer shards
     engine.barrier()
     if engine.is_main:
         with open(os.path.join(tmp, COMPLETE), "w") as f:
@@ -154,8 +156,8 @@ def load_rng_state(ckpt: str, rank: int) -> None:
     set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def load_model_weights(model, ckpt: str) -> None:
-    """Load safetensors weights of `ckpt` into `model` (strict: every key must match)."""
+def read_model_weights(ckpt: str) -> dict:
+    """The safetensors weights of `ckpt` as one state dict (CPU tensors)."""
     from safetensors.torch import load_file
 
     files = sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))
@@ -164,6 +166,12 @@ def load_model_weights(model, ckpt: str) -> None:
     state = {}
     for f in files:
         state.update(load_file(os.path.join(ckpt, f)))
+    return state
+
+
+def load_model_weights(model, ckpt: str) -> None:
+    """Load safetensors weights of `ckpt` into `model` (strict: every key must match)."""
+    state = read_model_weights(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied embeddings are saved once; the tied key reappears on load.
     missing = [k for k in missing if not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False))]

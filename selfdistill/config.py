@@ -118,6 +118,9 @@ class EngineConfig:
     gather_for_generation: bool = True  # FSDP2/ZeRO-3: gather full params once per rollout phase
     shard_reference: bool = False
     backend: str = "auto"  # process-group backend: auto | nccl | gloo
+    # Extra DeepSpeed config keys, deep-merged over the one generated from this config
+    # (selfdistill.engine.deepspeed.deepspeed_config), e.g. zero_optimization.offload_optimizer.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -37,4 +37,26 @@ def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tok
             groups[str(getattr(ex, attr))].append(c)
         for name, cs in sorted(groups.items()):
             out[f"{prefix}/{key}/{name}/accuracy"] = sum(cs) / len(cs)
+            out[f"{prefix}/{key}/{name}/n"] = float(len(cs))
+    return out
+
+
+def merge_rank_results(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One result from the per-rank `evaluate` results of a data-parallel evaluation.
+
+    Ranks evaluate disjoint slices, so a rank may have no example of some domain or band: counts
+    (`.../n`) add up, and every rate is the mean of the ranks' rates weighted by the count beside
+    it (`<prefix>/accuracy` by `<prefix>/n`, `<prefix>/domain/<d>/accuracy` by `.../domain/<d>/n`)."""
+    out: dict[str, float] = {}
+    keys = sorted({k for p in parts for k in p})
+    for key in keys:
+        if key.endswith("/n"):
+            out[key] = sum(p.get(key, 0.0) for p in parts)
+    for key in keys:
+        if key.endswith("/n"):
+            continue
+        n_key = key.rsplit("/", 1)[0] + "/n"
+        weighted = [(p[key], p[n_key]) for p in parts if key in p]
+        total = sum(n for _, n in weighted)
+        out[key] = sum(v * n for v, n in weighted) / total if total else float("nan")
     return out

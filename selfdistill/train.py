@@ -1,8 +1,13 @@
 """Hydra entry point: `selfdistill-train experiment=demo` or `torchrun ... -m selfdistill.train ...`.
 
 Composes the config (typed by `selfdistill.config`, so unknown keys fail here), validates value
-ranges, sets up the process group under torchrun (every rank uses rank 0's run directory, and
-only rank 0 writes `.hydra/`, logs and metrics), then hands over to the trainer.
+ranges, sets up the process group under torchrun, then hands over to the trainer.
+
+Under torchrun every rank composes the same config, but only rank 0 is a Hydra "run": it picks the
+run directory (Hydra's timestamped default or the user's `hydra.run.dir`) and writes `.hydra/` and
+the log file there. The other ranks run Hydra with the current directory as a throw-away run
+directory, no `.hydra/` output and logging disabled, and receive rank 0's directory over the process
+group before the trainer starts; every rank then writes its checkpoint shards into that one place.
 """
 
 from __future__ import annotations
@@ -18,18 +23,37 @@ from selfdistill.config import ConfigError, register_configs, validate
 
 register_configs()
 
+# Overrides that silence Hydra on ranks other than 0: nothing written, no log handlers.
+_QUIET_RANK = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
+_OWNED_KEYS = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging=", "hydra/hydra_logging=")
 
-def _init_distributed(cfg: DictConfig) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
+
+def rank_argv(argv: list[str], rank: int, world_size: int) -> list[str]:
+    """The command line rank `rank` hands to Hydra (argv[0] included).
+
+    Rank 0 keeps it as it is. Other ranks drop their own run-dir / output / logging choices and get
+    `_QUIET_RANK`: their Hydra run directory is the current one (already exists, nothing is
+    written), and the real run directory arrives from rank 0 (`shared_run_dir`)."""
+    if world_size <= 1:
+        return list(argv)
+    if any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv[1:]):
+        raise SystemExit("selfdistill: multirun (-m) under torchrun is not supported; launch sweeps outside torchrun "
+                         "(each job may start its own torchrun) or run one configuration per torchrun")
+    if rank == 0:
+        return list(argv)
+    kept = [a for a in argv[1:] if not a.lstrip("+~").startswith(_OWNED_KEYS)]
+    return [argv[0], *kept, *_QUIET_RANK]
+
+
+def shared_run_dir(own_run_dir: str) -> str:
+    """Rank 0's run directory on every rank (after the process group is up)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = cfg.engine.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "gloo"
-        dist.init_process_group(backend=backend)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return own_run_dir
+    box = [os.path.abspath(own_run_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _run(cfg: DictConfig) -> dict:
@@ -37,12 +61,20 @@ def _run(cfg: DictConfig) -> dict:
         validate(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    _init_distributed(cfg)
-    run_dir = HydraConfig.get().runtime.output_dir
+    from selfdistill.engine.base import init_process_group
+
+    init_process_group(cfg)
+    run_dir = shared_run_dir(HydraConfig.get().runtime.output_dir)
     from selfdistill.trainer import Trainer
 
     obj = OmegaConf.to_object(cfg)  # the typed dataclass tree
-    return Trainer(obj, run_dir).run()
+    try:
+        return Trainer(obj, run_dir).run()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://selfdistill.conf", config_name="config")
@@ -51,9 +83,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # Under torchrun every rank must share rank 0's run directory: rank 0 picks it (Hydra's
-    # timestamped default) and exports it; torchrun starts ranks together, so the other ranks
-    # read the same clock-derived name unless the user fixed hydra.run.dir, which all ranks see.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    sys.argv = rank_argv(sys.argv, int(os.environ.get("RANK", "0")), world_size)
     _hydra_main()
 
 

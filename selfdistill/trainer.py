@@ -12,6 +12,7 @@ and the RNGs, and all of it is checkpointed, so a killed run resumes exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -31,12 +32,14 @@ from selfdistill.config import Config, to_container
 from selfdistill.data import encode_prompt, load_splits
 from selfdistill.data.sampler import PromptSampler, rank_slice
 from selfdistill.engine import build_engine
-from selfdistill.eval import evaluate
+from selfdistill.eval import evaluate, merge_rank_results
 from selfdistill.metrics import MetricsLogger
 from selfdistill.models import load_model_and_tokenizer, meta_token_ids
 from selfdistill.rewards.grader import Grader
+from selfdistill.rewards.registry import get_reward
 from selfdistill.rewards.scoring import compute_reward_heads
 from selfdistill.rollout import build_rollout_backend
+from selfdistill.rollout.base import rollout_seed
 
 
 @dataclass
@@ -96,7 +99,7 @@ class Trainer:
 
     def _restore(self, path: str) -> None:
         saved = ckpt.load_trainer_state(path)
-        ckpt.load_model_weights(self.engine.unwrapped(), path)
+        self.engine.load_model_weights(path)  # into the (possibly sharded) model; sharded optimizer state follows
         self.state = TrainState(**saved["state"])
         self.sampler.load_state_dict(self.state.sampler)
         self.engine.skipped_steps = self.state.skipped_steps
@@ -178,19 +181,24 @@ class Trainer:
                 raise ValueError(f"sft needs worked solutions; rows {missing[:3]} have none (extra_info.solution)")
             prompts = [encode_prompt(self.tokenizer, ex, self.cfg.data.system_prompt) for ex in exs]
             loss, ntok = sft_loss(self.model, self.tokenizer, prompts, [ex.solution for ex in exs])
+            # The step's loss is the mean over all tokens of the global batch: weight this rank's
+            # token mean by its share of them, so the rank-averaged gradient equals the
+            # single-process gradient of the same batch (ranks hold different token counts).
+            global_ntok = int(self.engine.reduce_sum({"ntok": ntok})["ntok"])
+            loss = loss * (ntok * self.engine.world_size / max(global_ntok, 1))
             self.engine.backward(loss)
             _, grad_norm = self.engine.step(float(loss.detach()), self.state.step)
-            self.state.num_tokens += ntok * self.engine.world_size
+            self.state.num_tokens += global_ntok
             dt = time.perf_counter() - t0
             rec = self.engine.reduce_mean({"sft/loss": float(loss.detach()), "grad_norm": grad_norm})
             self._after_step({**rec, "loss": rec["sft/loss"], "lr": self.engine.scheduler.get_last_lr()[0],
-                              "perf/step_s": dt, "perf/tokens_per_s": ntok * self.engine.world_size / dt}, bar, "sft")
+                              "perf/step_s": dt, "perf/tokens_per_s": global_ntok / dt}, bar, "sft")
         bar.close()
 
     def _reference(self):
         """Frozen reference/scorer: the weights the grpo stage started from (SPEC section 1)."""
         if self.reference_model is None:
-            ref = copy.deepcopy(self.engine.unwrapped())
+            ref = self.engine.frozen_copy()  # unsharded even under FSDP2 / ZeRO-3
             if self.state.reference:
                 ckpt.load_model_weights(ref, self.state.reference)
             self.reference_model = ref.eval().requires_grad_(False)
@@ -208,8 +216,12 @@ class Trainer:
             idx = rank_slice(self.sampler.next_batch(c.batch_size), self.engine.rank, self.engine.world_size)
             exs = [self.train_set[i] for i in idx]
             prompts = [encode_prompt(self.tokenizer, ex, cfg.data.system_prompt) for ex in exs]
+            # Rollouts are seeded per prompt (seed, step, position in the global batch), not by the
+            # rank's RNG: the same samples for any world size, and after a resume.
+            first = self.engine.rank * len(idx)
+            seeds = [rollout_seed(cfg.seed, self.state.global_step, first + i) for i in range(len(idx))]
             with self.engine.generation_context():
-                batch = grpo.generate_group_rollouts(self.backend, prompts, cfg)
+                batch = grpo.generate_group_rollouts(self.backend, prompts, cfg, seeds)
             times["rollout"] = time.perf_counter() - t0
             t = time.perf_counter()
             golds = [ex.gold for ex in exs for _ in range(cfg.rollout.n)]
@@ -217,8 +229,10 @@ class Trainer:
             times["grade"] = time.perf_counter() - t
             t = time.perf_counter()
             scorer = self.engine.unwrapped() if cfg.reward.use_policy_as_scorer else (self._reference() if self._needs_reference() else None)
-            heads, meta_route, reward_metrics = compute_reward_heads(
-                cfg.reward, batch, grades, exs, scorer, self.tokenizer, self.meta_ids)
+            # The policy as scorer runs its passes on full parameters (FSDP2 / ZeRO-3 gather them).
+            with self.engine.generation_context() if cfg.reward.use_policy_as_scorer else contextlib.nullcontext():
+                heads, meta_route, reward_metrics = compute_reward_heads(
+                    cfg.reward, batch, grades, exs, scorer, self.tokenizer, self.meta_ids)
             adv = grpo.assemble_advantages(batch, heads, meta_route, self.meta_ids, cfg, self.state.meta_steps)
             times["score"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -229,7 +243,7 @@ class Trainer:
                 applied, upd = grpo.policy_update(self.engine, sub, token_adv, pad, cfg, self.state.meta_steps, ref)
             self.state.meta_steps += applied
             times["update"] = time.perf_counter() - t
-            ntok = int(batch.completion_mask.sum()) * self.engine.world_size
+            ntok = int(self.engine.reduce_sum({"ntok": int(batch.completion_mask.sum())})["ntok"])  # global batch
             self.state.num_tokens += ntok
             dt = time.perf_counter() - t0
             record = self._grpo_record(batch, grades, heads, upd, adv.metrics, reward_metrics)
@@ -241,7 +255,10 @@ class Trainer:
         bar.close()
 
     def _needs_reference(self) -> bool:
-        return self.cfg.algo.kl_coef > 0 or (self.cfg.reward.name != "base" and not self.cfg.reward.use_policy_as_scorer)
+        """A frozen reference is needed for the KL term or for an arm that runs scorer passes."""
+        spec = get_reward(self.cfg.reward.name)
+        scores = spec.needs_pmi_passes or spec.needs_gm_passes or spec.needs_belief_open_close
+        return self.cfg.algo.kl_coef > 0 or (scores and not self.cfg.reward.use_policy_as_scorer)
 
     def _grpo_record(self, batch, grades, heads, upd, adv_metrics, reward_metrics) -> dict:
         correct = (grades == 1).float()
@@ -265,8 +282,8 @@ class Trainer:
                            batch_size=cfg.eval.batch_size, greedy=cfg.eval.greedy, temperature=cfg.rollout.temperature,
                            system_prompt=cfg.data.system_prompt, prefix="heldout",
                            progress=self.engine.is_main and cfg.trainer.progress)
-        res = self.engine.reduce_mean(res)
+        res = merge_rank_results(self.engine.gather_objects(res))  # ranks may hold different domains / bands
         self.state.evals.append({"after": after, **res})
         self.metrics.log({"stage": "eval", "after": after, **res}, self.state.global_step)
         if self.engine.is_main:
-            print(f"[selfdistill] held-out accuracy after {after}: {res['heldout/accuracy']:.3f} (n={int(res['heldout/n']) * self.engine.world_size})")
+            print(f"[selfdistill] held-out accuracy after {after}: {res['heldout/accuracy']:.3f} (n={int(res['heldout/n'])})")

@@ -16,7 +16,7 @@ from selfdistill.algo.advantages import group_centered, meta_weight, reward_metr
 from selfdistill.algo.logprobs import completion_logprobs
 from selfdistill.config import Config
 from selfdistill.rewards.regions import meta_regions
-from selfdistill.rollout.base import MetaMode, RolloutBatch
+from selfdistill.rollout.base import MetaMode, RolloutBatch, rollout_seed
 
 
 def meta_modes_for_group(cfg: Config) -> list[MetaMode]:
@@ -28,12 +28,14 @@ def meta_modes_for_group(cfg: Config) -> list[MetaMode]:
     return [MetaMode.ALLOW] * (n // 2) + [without] * (n - n // 2)
 
 
-def generate_group_rollouts(backend, prompts: list[list[int]], cfg: Config) -> RolloutBatch:
+def generate_group_rollouts(backend, prompts: list[list[int]], cfg: Config, seeds: list[int] | None = None) -> RolloutBatch:
+    """n rollouts per prompt; `seeds` (one per prompt) seeds rollout j of prompt i with (seeds[i], j)."""
     n = cfg.rollout.n
     modes = meta_modes_for_group(cfg) * len(prompts)
     batch = backend.generate(
         [p for p in prompts for _ in range(n)], modes, max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        seeds=[rollout_seed(s, j) for s in seeds for j in range(n)] if seeds is not None else None,
     )
     batch.group_ids = torch.arange(len(prompts)).repeat_interleave(n)
     return batch

@@ -30,6 +30,28 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    """The decoder's last hidden states [R, L, H], from a forward of `model` itself.
+
+    `model` is the engine's model (DDP / FSDP2 / DeepSpeed wrapper or plain HF model). Calling it,
+    rather than its inner decoder, is what runs the wrapper's hooks: DDP's gradient all-reduce,
+    FSDP2's root all-gather (which keeps the LM head gathered until backward), DeepSpeed's start of
+    forward. The LM head runs on one position only (`logits_to_keep=1`); the states are read off
+    the decoder with a forward hook, so no [tokens, vocab] logits are built.
+    """
+    captured = []
+
+    def keep(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = unwrap(model).get_decoder().register_forward_hook(keep)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 def completion_logprobs(
     model, prompt_ids: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad_id: int,
     temperature: float = 1.0, with_entropy: bool = False,
@@ -38,8 +60,7 @@ def completion_logprobs(
     device = next(model.parameters()).device
     input_ids, attn, pos, P = build_sequences(prompt_ids, completion_ids, completion_mask, pad_id)
     hf = unwrap(model)
-    decoder = hf.get_decoder()
-    hidden = decoder(input_ids=input_ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
+    hidden = final_hidden_states(model, input_ids.to(device), attn.to(device), pos.to(device))
     T = completion_ids.shape[1]
     mask = completion_mask.to(device)
     h = hidden[:, P - 1: P - 1 + T][mask]  # the state before each completion token predicts it

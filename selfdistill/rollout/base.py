@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,8 +55,15 @@ class RolloutBatch:
 class RolloutBackend(Protocol):
     def generate(
         self, prompt_ids: list[list[int]], meta_modes: list[MetaMode], *, max_new_tokens: int,
-        temperature: float, top_p: float, greedy: bool = False,
+        temperature: float, top_p: float, greedy: bool = False, seeds: list[int] | None = None,
     ) -> RolloutBatch: ...
+    # `seeds`: one per row; when given, row i's sampling depends only on seeds[i] and the model
+    # (not on the batch it shares, the rank it runs on, or the global RNG).
+
+
+def rollout_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integer keys, the same on every process."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def build_rollout_backend(name: str, model, tokenizer) -> RolloutBackend:

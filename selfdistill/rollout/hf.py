@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from selfdistill.models.loading import meta_token_ids
 from selfdistill.models.tokenizer import META_CLOSE, META_OPEN
@@ -23,6 +23,28 @@ class BanTokensForRows(LogitsProcessor):
         return scores
 
 
+class SeededSampling(LogitsProcessor):
+    """Sampling with one random stream per row: temperature, top-p, then Gumbel-max.
+
+    argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T) (within the top-p
+    set), and each row draws its noise from its own generator seeded by `seeds[row]`, one draw per
+    decode step. So a row's completion depends on its seed and the model only: the same whether it
+    is generated with 1 or 8 ranks, in a batch of 4 or 64, before or after a resume. `generate`
+    then runs greedy (argmax) over these scores."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids, scores):
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
+        return scores - torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
+
+
 class HFRolloutBackend:
     def __init__(self, model, tokenizer):
         self.model = model
@@ -33,27 +55,33 @@ class HFRolloutBackend:
         self.eos_id = tokenizer.eos_token_id
 
     @torch.no_grad()
-    def generate(self, prompt_ids, meta_modes, *, max_new_tokens, temperature, top_p, greedy=False) -> RolloutBatch:
+    def generate(self, prompt_ids, meta_modes, *, max_new_tokens, temperature, top_p, greedy=False, seeds=None) -> RolloutBatch:
         if len(prompt_ids) != len(meta_modes):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(meta_modes)} meta modes")
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(seeds)} seeds")
         forced = [self.placebo_ids if m == MetaMode.PLACEBO else [] for m in meta_modes]
         device = next(self.model.parameters()).device
         ids, attn = pad_left([p + f for p, f in zip(prompt_ids, forced)], self.pad_id)
         ids, attn = ids.to(device), attn.to(device)
         ban_rows = torch.tensor([m == MetaMode.BAN for m in meta_modes])
+        processors = [BanTokensForRows(self.meta_ids, ban_rows)]
+        sample = not greedy and seeds is None  # HF sampling from the global RNG
+        if not greedy and seeds is not None:
+            processors.append(SeededSampling(seeds, temperature, top_p, device))
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
             input_ids=ids,
             attention_mask=attn,
-            do_sample=not greedy,
-            temperature=temperature if not greedy else None,
-            top_p=top_p if not greedy else None,
-            top_k=0 if not greedy else None,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=0 if sample else None,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
-            logits_processor=LogitsProcessorList([BanTokensForRows(self.meta_ids, ban_rows)]),
+            logits_processor=LogitsProcessorList(processors),
             use_cache=True,
         )
         self.model.train(was_training)

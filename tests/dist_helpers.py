@@ -1,0 +1,159 @@
+"""Engine checks that need a process group, run by tests/test_engines.py as a subprocess.
+
+    torchrun --nproc-per-node 2 tests/dist_helpers.py guarded_step OUT   # every engine, 2 ranks
+    python tests/dist_helpers.py world_size_one OUT                      # sharded engines, 1 process
+
+Each rank writes OUT/<check>-rank<r>.json; the test reads and asserts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from selfdistill.algo.logprobs import completion_logprobs  # noqa: E402
+from selfdistill.engine import NonFiniteError, build_engine  # noqa: E402
+from selfdistill.models import load_model_and_tokenizer  # noqa: E402
+from tests.conftest import compose_config  # noqa: E402
+
+TINY_MODEL = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.tiny.num_attention_heads=2",
+              "model.tiny.num_key_value_heads=1", "model.tiny.intermediate_size=128", "trainer.device=cpu",
+              "sft.warmup_steps=0", "sft.schedule=constant", "sft.lr=1e-2"]
+ENGINE_EXTRA = {"deepspeed_zero3": ["engine.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]}
+
+
+def make_engine(name: str, on_nonfinite: str = "skip"):
+    cfg = compose_config([*TINY_MODEL, f"engine={name}", f"trainer.on_nonfinite={on_nonfinite}", *ENGINE_EXTRA.get(name, [])])
+    torch.manual_seed(0)
+    engine = build_engine(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    engine.wrap(model)
+    engine.setup_optimizer(cfg.sft)
+    return engine, tokenizer
+
+
+def global_batch(step: int, rows: int = 4, length: int = 6):
+    """A fixed global batch per step (rows x (prompt, completion)); every engine sees the same."""
+    g = torch.Generator().manual_seed(1000 + step)
+    prompts = torch.randint(6, 60, (rows, 3), generator=g).tolist()
+    comps = torch.randint(6, 60, (rows, length), generator=g)
+    return prompts, comps, torch.ones_like(comps, dtype=torch.bool)
+
+
+def loss_on(engine, step: int, poison: bool = False) -> torch.Tensor:
+    prompts, comps, mask = global_batch(step)
+    k = len(prompts) // engine.world_size
+    sl = slice(engine.rank * k, (engine.rank + 1) * k)
+    logp, _ = completion_logprobs(engine.model, prompts[sl], comps[sl], mask[sl], pad_id=0)
+    loss = -logp.mean()
+    return loss * float("nan") if poison else loss
+
+
+def weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() for k, v in engine.full_state_dict().items()}
+
+
+def moments(engine) -> list[torch.Tensor]:
+    """This rank's AdamW state tensors (the torch AdamW inside DeepSpeed's ZeRO optimizer too)."""
+    adamw = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    out = []
+    for state in adamw.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                out.append((v.to_local() if hasattr(v, "to_local") else v).detach().clone())
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a if k in b)
+
+
+def guarded_step(out: str) -> None:
+    """Skip: a NaN on the last rank refuses the update everywhere, weights / schedule / moments
+    untouched, counted; training then goes on. Raise: every rank raises, naming step and rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {}
+    for name in os.environ.get("ENGINES", "ddp,fsdp2,deepspeed_zero2,deepspeed_zero3").split(","):
+        r = {}
+        engine, _ = make_engine(name)
+        loss = loss_on(engine, 0)
+        engine.backward(loss)
+        r["first_applied"] = engine.step(float(loss.detach()), 0)[0]
+        before, lr_before, moments_before = weights(engine), engine.scheduler.get_last_lr()[0], moments(engine)
+        epoch_before = engine.scheduler.last_epoch
+        loss = loss_on(engine, 1, poison=rank == world - 1)
+        engine.backward(loss)
+        applied, _ = engine.step(float(loss.detach()), 1)
+        after = weights(engine)
+        r.update(skip_applied=applied, skipped_steps=engine.skipped_steps,
+                 weights_unchanged=(max_diff(before, after) == 0.0) if engine.is_main else True,
+                 moments_unchanged=len(moments_before) > 0 and all(torch.equal(a, b) for a, b in zip(moments_before, moments(engine))),
+                 schedule_unchanged=engine.scheduler.last_epoch == epoch_before and engine.scheduler.get_last_lr()[0] == lr_before)
+        loss = loss_on(engine, 2)
+        engine.backward(loss)
+        r["after_skip_applied"] = engine.step(float(loss.detach()), 2)[0]
+        latest = weights(engine)  # a collective: every rank calls it
+        r["after_skip_changed"] = (max_diff(after, latest) > 0) if engine.is_main else True
+        # The frozen reference: an unsharded copy equal to the consolidated weights.
+        ref = engine.frozen_copy()
+        full = engine.full_state_dict()
+        if engine.is_main:
+            ref_sd = ref.state_dict()
+            r["frozen_copy_diff"] = max(float((ref_sd[k].float().cpu() - v.float()).abs().max()) for k, v in full.items())
+            r["frozen_copy_frozen"] = not any(p.requires_grad for p in ref.parameters())
+        # Raise: the poisoned step never reaches the optimizer; the message names step and rank.
+        engine.cfg.trainer.on_nonfinite = "raise"
+        loss = loss_on(engine, 3, poison=rank == world - 1)
+        engine.backward(loss)
+        try:
+            engine.step(float(loss.detach()), 7)
+            r["raised"] = None
+        except NonFiniteError as e:
+            r["raised"] = str(e)
+        report[name] = r
+        del engine
+        dist.barrier()
+    with open(os.path.join(out, f"guarded_step-rank{rank}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    dist.destroy_process_group()
+
+
+def world_size_one(out: str) -> None:
+    """fsdp2 / deepspeed engines without torchrun (a benchmark's single process): same losses and
+    weights as engine=single over three steps; generation under generation_context works."""
+    report, reference = {}, None
+    for name in ("single", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"):
+        engine, tokenizer = make_engine(name)
+        losses = []
+        for step in range(3):
+            loss = loss_on(engine, step)
+            engine.backward(loss)
+            assert engine.step(float(loss.detach()), step)[0]
+            losses.append(float(loss.detach()))
+        w = weights(engine)
+        with engine.generation_context():
+            ids = torch.tensor([[1, 20, 30, 40]])
+            gen = engine.unwrapped().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        r = {"losses": losses, "generated": gen[0].tolist(), "world_size": engine.world_size}
+        if reference is None:
+            reference = (losses, w)
+        else:
+            r["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses, reference[0]))
+            r["max_weight_diff"] = max_diff(reference[1], w)
+        report[name] = r
+    with open(os.path.join(out, "world_size_one-rank0.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    check, out_dir = sys.argv[1], sys.argv[2]
+    {"guarded_step": guarded_step, "world_size_one": world_size_one}[check](out_dir)
