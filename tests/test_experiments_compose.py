@@ -109,8 +109,9 @@ def test_sweep_overrides_keep_the_arms_twins():
 
 def test_the_audit_catches_a_recipe_difference():
     base = composed("base")
-    bad = composed("pmi", ("grpo.lr=3e-4",))
-    assert twin_violations(bad, base, split=False) == ["grpo.lr: base=0.0001 arm=0.0003"]
+    bad = composed("pmi", ("grpo.lr=0.123",))
+    assert base["grpo.lr"] != 0.123
+    assert twin_violations(bad, base, split=False) == [f"grpo.lr: base={base['grpo.lr']!r} arm=0.123"]
     split_leak = composed("pmi", ("rollout.split_arms=true",))
     assert twin_violations(split_leak, base, split=False) == ["rollout.split_arms: base=False arm=True"]
 
