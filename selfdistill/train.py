@@ -45,6 +45,39 @@ def rank_argv(argv: list[str], rank: int, world_size: int) -> list[str]:
     return [argv[0], *kept, *_QUIET_RANK]
 
 
+def _agent_start_time(pid: int) -> float | None:
+    """Start time (epoch seconds) of process `pid` from /proc; None where /proc is unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime in clock ticks
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def elastic_run_dir_arg(argv: list[str], env: dict[str, str]) -> str | None:
+    """The `hydra.run.dir=...` rank 0 adds under torchrun so that a restarted job (`--max-restarts`)
+    lands in the same directory and `trainer.resume=auto` picks up its checkpoints.
+
+    Hydra's default name holds the current time, which changes on every restart. Under torchrun the
+    name is built from what survives a restart instead: the elastic agent's start time (the workers'
+    parent process) and the rendezvous id (`--rdzv-id`, a fresh uuid with `--standalone`; the agent's
+    pid when it is the default "none"). None when not under torchrun or when the user chose
+    `hydra.run.dir` themselves."""
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or any(a.lstrip("+~").startswith("hydra.run.dir=") for a in argv[1:]):
+        return None
+    import time
+
+    agent = os.getppid()
+    started = _agent_start_time(agent) or time.time()
+    tag = run_id if run_id and run_id != "none" else f"pid{agent}"
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started))
+    return f"hydra.run.dir=outputs/{stamp}-${{experiment_name}}-{tag}"
+
+
 def shared_run_dir(own_run_dir: str) -> str:
     """Rank 0's run directory on every rank (after the process group is up)."""
     import torch.distributed as dist
@@ -84,7 +117,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    sys.argv = rank_argv(sys.argv, int(os.environ.get("RANK", "0")), world_size)
+    argv = list(sys.argv)
+    elastic_dir = elastic_run_dir_arg(argv, dict(os.environ))
+    if elastic_dir is not None and not any(a in ("-m", "--multirun") for a in argv[1:]):
+        argv.append(elastic_dir)
+    sys.argv = rank_argv(argv, int(os.environ.get("RANK", "0")), world_size)
     _hydra_main()
 
 

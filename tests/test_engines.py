@@ -147,6 +147,40 @@ def test_resume_two_ranks_continues_identically(two_rank_runs, tmp_path, engine)
 
 
 @pytest.mark.slow
+def test_torchrun_restart_resumes_in_the_same_run_dir(two_rank_runs, tmp_path):
+    """`torchrun --max-restarts 1`: rank 0 dies after a mid-GRPO checkpoint; the restarted job finds
+    the same run directory (named from the elastic agent, not the clock), resumes by itself and ends
+    exactly where an uninterrupted 2-rank run ends."""
+    env = dict(_env(), CRASH_AFTER=MID_GRPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+           os.path.join(ROOT, "tests", "elastic_crash_once.py"), *ARGS, "engine=ddp"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "resumed from" in log, log[-3000:]
+    found = glob.glob(os.path.join(tmp_path, "outputs", "*", "*"))
+    assert len(found) == 1, f"the restart must reuse the first attempt's run directory, found {found}"
+    run, reference = found[0], two_rank_runs("ddp")
+    assert _rows(run) == _rows(reference)
+    wa, wb = _final_weights(reference), _final_weights(run)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_elastic_run_dir_is_stable_across_restarts(monkeypatch):
+    from selfdistill.train import elastic_run_dir_arg
+
+    env = {"TORCHELASTIC_RUN_ID": "abc123", "TORCHELASTIC_RESTART_COUNT": "0"}
+    first = elastic_run_dir_arg(["train", "experiment=demo"], env)
+    again = elastic_run_dir_arg(["train", "experiment=demo"], dict(env, TORCHELASTIC_RESTART_COUNT="1"))
+    assert first == again and first.startswith("hydra.run.dir=outputs/") and first.endswith("-${experiment_name}-abc123")
+    default_id = elastic_run_dir_arg(["train"], {"TORCHELASTIC_RUN_ID": "none"})
+    assert default_id.endswith(f"-pid{os.getppid()}")  # the elastic agent is the workers' parent
+    assert elastic_run_dir_arg(["train", "hydra.run.dir=/x"], env) is None  # the user's choice wins
+    assert elastic_run_dir_arg(["train"], {}) is None  # not under torchrun: Hydra's default
+
+
+@pytest.mark.slow
 def test_guarded_step_holds_for_every_engine(tmp_path):
     """A NaN on rank 1: skip refuses the update on both ranks (weights, moments, schedule
     untouched, counted, training goes on); raise stops every rank, naming step, rank and tensor."""
