@@ -32,6 +32,7 @@ from selfdistill.config import Config, to_container
 from selfdistill.data import encode_prompt, load_splits
 from selfdistill.data.sampler import PromptSampler, rank_slice
 from selfdistill.engine import build_engine
+from selfdistill.engine.reference import build_reference
 from selfdistill.eval import evaluate, merge_rank_results
 from selfdistill.metrics import MetricsLogger
 from selfdistill.models import load_model_and_tokenizer, meta_token_ids
@@ -103,8 +104,8 @@ class Trainer:
         self.state = TrainState(**saved["state"])
         self.sampler.load_state_dict(self.state.sampler)
         self.engine.skipped_steps = self.state.skipped_steps
-        for k in ("graded", "timeouts", "crashes"):
-            setattr(self.grader, k, int(self.state.grader.get(f"grader/{k}", 0)))
+        for k in ("graded", "timeouts", "crashes"):  # global counts, carried on by rank 0
+            setattr(self.grader, k, int(self.state.grader.get(f"grader/{k}", 0)) if self.engine.is_main else 0)
         self.metrics.truncate_to(self.state.metrics_rows)  # rows a killed run logged after this checkpoint
         self._pending_optim = saved.get("optim")
         ckpt.load_rng_state(path, self.engine.rank)
@@ -116,7 +117,7 @@ class Trainer:
         st.sampler = self.sampler.state_dict()
         st.skipped_steps = self.engine.skipped_steps
         st.metrics_rows = self.metrics.rows
-        st.grader = self.grader.metrics()
+        st.grader = self.engine.reduce_sum(self.grader.metrics())
         stage = self.cfg.trainer.stages[min(st.stage_index, len(self.cfg.trainer.stages) - 1)]
         name = ckpt.checkpoint_name(stage, st.global_step)
         protect = (os.path.basename(st.reference),) if st.reference else ()
@@ -196,13 +197,23 @@ class Trainer:
         bar.close()
 
     def _reference(self):
-        """Frozen reference/scorer: the weights the grpo stage started from (SPEC section 1)."""
+        """Frozen reference/scorer: the weights the grpo stage started from (SPEC section 1),
+        replicated or sharded across ranks (`engine.shard_reference`, selfdistill.engine.reference)."""
         if self.reference_model is None:
-            ref = self.engine.frozen_copy()  # unsharded even under FSDP2 / ZeRO-3
+            ref = self.engine.frozen_copy()  # a plain full model, also under FSDP2 / ZeRO-3
             if self.state.reference:
                 ckpt.load_model_weights(ref, self.state.reference)
-            self.reference_model = ref.eval().requires_grad_(False)
+            self.reference_model = build_reference(ref.eval().requires_grad_(False), self.cfg, self.engine.rank, self.engine.world_size)
         return self.reference_model
+
+    def _scorer(self):
+        """(context, scorer model) for the reward's scorer passes: the policy on full parameters
+        (`reward.use_policy_as_scorer`), the gathered reference, or no scorer."""
+        if not self._scores():
+            return contextlib.nullcontext(None)
+        if self.cfg.reward.use_policy_as_scorer:
+            return _yielding(self.engine.generation_context(), self.engine.unwrapped())
+        return self._reference().gathered()
 
     def run_grpo(self) -> None:
         cfg, c = self.cfg, self.cfg.grpo
@@ -228,9 +239,7 @@ class Trainer:
             grades = torch.tensor(self.grader.grade(batch.texts, golds))
             times["grade"] = time.perf_counter() - t
             t = time.perf_counter()
-            scorer = self.engine.unwrapped() if cfg.reward.use_policy_as_scorer else (self._reference() if self._needs_reference() else None)
-            # The policy as scorer runs its passes on full parameters (FSDP2 / ZeRO-3 gather them).
-            with self.engine.generation_context() if cfg.reward.use_policy_as_scorer else contextlib.nullcontext():
+            with self._scorer() as scorer:
                 heads, meta_route, reward_metrics = compute_reward_heads(
                     cfg.reward, batch, grades, exs, scorer, self.tokenizer, self.meta_ids)
             adv = grpo.assemble_advantages(batch, heads, meta_route, self.meta_ids, cfg, self.state.meta_steps)
@@ -238,27 +247,36 @@ class Trainer:
             t = time.perf_counter()
             sub, token_adv = grpo.select_rows(batch, adv.tokens, adv.keep)
             applied, upd = (0, {})
-            if len(sub):
-                ref = self._reference() if cfg.algo.kl_coef > 0 else None
-                applied, upd = grpo.policy_update(self.engine, sub, token_adv, pad, cfg, self.state.meta_steps, ref)
+            if self.engine.reduce_sum({"rows": len(sub)})["rows"]:  # every rank decides alike
+                ref_logp = None
+                if cfg.algo.kl_coef > 0:
+                    with self._reference().gathered() as ref:
+                        ref_logp = grpo.reference_logprobs(ref, sub, pad, cfg.rollout.temperature)
+                filler = grpo.select_rows(batch, adv.tokens, torch.arange(len(batch)) == 0)[0]
+                applied, upd = grpo.policy_update(self.engine, sub, token_adv, pad, cfg, self.state.meta_steps, ref_logp, filler)
             self.state.meta_steps += applied
             times["update"] = time.perf_counter() - t
             ntok = int(self.engine.reduce_sum({"ntok": int(batch.completion_mask.sum())})["ntok"])  # global batch
             self.state.num_tokens += ntok
             dt = time.perf_counter() - t0
             record = self._grpo_record(batch, grades, heads, upd, adv.metrics, reward_metrics)
-            record = self.engine.reduce_mean(record)
+            # Counts add up over the ranks; everything else is the mean of the ranks' values.
+            counts = self.engine.reduce_sum({k: record.pop(k) for k in SUMMED_METRICS if k in record})
+            record = {**self.engine.reduce_mean(record), **counts}
             record.update({"perf/step_s": dt, "perf/tokens_per_s": ntok / dt, "num_tokens": self.state.num_tokens,
                            "lr": self.engine.scheduler.get_last_lr()[0], "train/skipped_steps": self.engine.skipped_steps,
-                           **self.grader.metrics(), **{f"perf/{k}_s": v for k, v in times.items()}})
+                           **self.engine.reduce_sum(self.grader.metrics()), **{f"perf/{k}_s": v for k, v in times.items()}})
             self._after_step(record, bar, "grpo")
         bar.close()
 
+    def _scores(self) -> bool:
+        """The reward arm runs scorer passes (PMI, gm, belief open/close)."""
+        spec = get_reward(self.cfg.reward.name)
+        return bool(spec.needs_pmi_passes or spec.needs_gm_passes or spec.needs_belief_open_close)
+
     def _needs_reference(self) -> bool:
         """A frozen reference is needed for the KL term or for an arm that runs scorer passes."""
-        spec = get_reward(self.cfg.reward.name)
-        scores = spec.needs_pmi_passes or spec.needs_gm_passes or spec.needs_belief_open_close
-        return self.cfg.algo.kl_coef > 0 or (scores and not self.cfg.reward.use_policy_as_scorer)
+        return self.cfg.algo.kl_coef > 0 or (self._scores() and not self.cfg.reward.use_policy_as_scorer)
 
     def _grpo_record(self, batch, grades, heads, upd, adv_metrics, reward_metrics) -> dict:
         correct = (grades == 1).float()
@@ -287,3 +305,13 @@ class Trainer:
         self.metrics.log({"stage": "eval", "after": after, **res}, self.state.global_step)
         if self.engine.is_main:
             print(f"[selfdistill] held-out accuracy after {after}: {res['heldout/accuracy']:.3f} (n={int(res['heldout/n'])})")
+
+
+SUMMED_METRICS = ("scorer/sequences", "scorer/tokens")  # per-step counts; grader/* are summed as they are logged
+
+
+@contextlib.contextmanager
+def _yielding(ctx, value):
+    """Enter `ctx`, yield `value`."""
+    with ctx:
+        yield value

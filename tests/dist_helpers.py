@@ -2,6 +2,8 @@
 
     torchrun --nproc-per-node 2 tests/dist_helpers.py guarded_step OUT   # every engine, 2 ranks
     python tests/dist_helpers.py world_size_one OUT                      # sharded engines, 1 process
+    torchrun --nproc-per-node 2 tests/dist_helpers.py uneven_rows OUT    # ranks with unequal rows
+    python tests/dist_helpers.py uneven_rows OUT                         # ... and its 1-process reference
 
 Each rank writes OUT/<check>-rank<r>.json; the test reads and asserts on them.
 """
@@ -154,6 +156,78 @@ def world_size_one(out: str) -> None:
         json.dump(report, f, indent=1)
 
 
+def uneven_batch():
+    """6 rollouts of 3 groups with unequal lengths and fixed per-token advantages."""
+    from selfdistill.rollout.base import RolloutBatch
+
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.tensor([7, 2, 5, 7, 1, 4])
+    mask = torch.arange(7)[None, :] < lengths[:, None]
+    batch = RolloutBatch(prompt_ids=torch.randint(6, 60, (6, 3), generator=g).tolist(),
+                         completion_ids=torch.randint(6, 60, (6, 7), generator=g), completion_mask=mask,
+                         forced_mask=torch.zeros_like(mask), group_ids=torch.arange(3).repeat_interleave(2),
+                         with_arm=torch.ones(6, dtype=torch.bool), texts=[""] * 6)
+    return batch, torch.randn(6, 7, generator=g)
+
+
+def uneven_rows(out: str) -> None:
+    """One policy update where the ranks hold different numbers of rows (as after zero-std
+    filtering): 5 + 1, and 6 + 0 (the empty rank joins with a zero-weight filler row). Rank 0 saves
+    the updated weights; without torchrun, engine=single on all 6 rows saves the reference."""
+    from selfdistill.algo import grpo
+
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    engines = os.environ.get("ENGINES", "ddp,fsdp2,deepspeed_zero2,deepspeed_zero3").split(",") if distributed else ["single"]
+    batch, adv = uneven_batch()
+    for name in engines:
+        for loss_type in ("grpo", "dapo"):
+            for first in ((5, 6) if distributed else (6,)):
+                engine, tokenizer = make_engine(name)
+                engine.cfg.algo.loss_type = loss_type
+                keep = torch.arange(6) < first if engine.rank == 0 else torch.arange(6) >= first
+                sub, sub_adv = grpo.select_rows(batch, adv, keep)
+                filler = grpo.select_rows(batch, adv, torch.arange(6) == 0)[0]
+                applied, metrics = grpo.policy_update(engine, sub, sub_adv, tokenizer.pad_token_id, engine.cfg, 0, None, filler)
+                w = weights(engine)
+                if engine.is_main:
+                    assert applied == 1, applied
+                    torch.save({"weights": w, "grad_norm": metrics["grad_norm"]}, os.path.join(out, f"uneven-{name}-{loss_type}-{first}.pt"))
+                del engine
+    if distributed:
+        dist.destroy_process_group()
+
+
+def sharded_reference(out: str) -> None:
+    """`engine.shard_reference`: at rest a rank holds ~1/world_size of the reference; inside
+    `gathered()` the model is the full reference again; after it the full tensors are released."""
+    import torch.distributed as dist
+
+    from selfdistill.engine.reference import ShardedReference
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine, tokenizer = make_engine("single" if world == 1 else "ddp")
+    full = {k: v.clone() for k, v in engine.unwrapped().state_dict().items()}
+    ref = ShardedReference(engine.frozen_copy(), rank, world)
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with ref.gathered() as model:
+        gathered_equal = all(torch.equal(model.state_dict()[k], v) for k, v in full.items())
+        logits = model(input_ids=ids).logits
+    expected = engine.unwrapped()(input_ids=ids).logits
+    total = sum(p.numel() for p in engine.unwrapped().parameters())
+    report = {"local_numel": ref.local_numel(), "total_numel": total, "gathered_equal": gathered_equal,
+              "logits_equal": bool(torch.equal(logits, expected)),
+              "released": all(p.numel() == 0 for p in ref.model.parameters())}
+    with open(os.path.join(out, f"sharded_reference-rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     check, out_dir = sys.argv[1], sys.argv[2]
-    {"guarded_step": guarded_step, "world_size_one": world_size_one}[check](out_dir)
+    {"guarded_step": guarded_step, "world_size_one": world_size_one, "uneven_rows": uneven_rows,
+     "sharded_reference": sharded_reference}[check](out_dir)

@@ -42,6 +42,7 @@ CLOSE = ("loss", "sft/loss", "grad_norm", "entropy")  # float reductions in a di
 # entropy is reported as the mean of the ranks' token means, not the global token mean (3e-4 apart here)
 RTOL = {"loss": 1e-5, "sft/loss": 1e-5, "grad_norm": 1e-5, "entropy": 1e-2}
 WEIGHT_ATOL = 2e-5
+UNEVEN_ATOL = 2e-4  # 2% of the lr-sized first Adam step
 TIMING = ("perf/",)
 MID_GRPO = "grpo-step-000005"  # after 4 SFT steps, the stage-end save, and 1 GRPO step
 
@@ -70,6 +71,28 @@ def _final_weights(run_dir):
 
 def _rows(run_dir):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def _assert_same_training(single_run, run, engine, exact=EXACT, rtol=None):
+    """Same metrics trajectory (exact where the arithmetic allows) and final weights as one process."""
+    rtol = {**RTOL, **(rtol or {})}
+    one, two = _rows(single_run), _rows(run)
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"] and a.keys() == b.keys()
+        if a["stage"] == "eval":  # greedy completions of the held-out prompts, merged over the ranks
+            assert a == b, (engine, a, b)
+            continue
+        for k in exact:
+            if k in a:
+                assert a[k] == b[k], (engine, a["step"], k, a[k], b[k])
+        for k in CLOSE:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=rtol[k], abs=1e-8), (engine, a["step"], k)
+    wa, wb = _final_weights(single_run), _final_weights(run)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=WEIGHT_ATOL, msg=lambda m: f"{engine} {k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -102,23 +125,8 @@ def two_rank_runs(tmp_path_factory):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_match_one_rank(single_run, two_rank_runs, engine):
     run = two_rank_runs(engine)
-    one, two = _rows(single_run), _rows(run)
-    assert len(two) == len(one) == 8, "one metrics row per step (and the eval), written by rank 0 only"
-    for a, b in zip(one, two):
-        assert a["step"] == b["step"] and a.keys() == b.keys()
-        if a["stage"] == "eval":  # greedy completions of the held-out prompts, merged over the ranks
-            assert a == b, (engine, a, b)
-            continue
-        for k in EXACT:
-            if k in a:
-                assert a[k] == b[k], (engine, a["step"], k, a[k], b[k])
-        for k in CLOSE:
-            if k in a:
-                assert b[k] == pytest.approx(a[k], rel=RTOL[k], abs=1e-8), (engine, a["step"], k)
-    wa, wb = _final_weights(single_run), _final_weights(run)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=WEIGHT_ATOL, msg=lambda m: f"{engine} {k}: {m}")
+    assert len(_rows(run)) == len(_rows(single_run)) == 8, "one metrics row per step (and the eval), written by rank 0 only"
+    _assert_same_training(single_run, run, engine)
 
     # One .hydra/ and one log (rank 0's); every rank's shards in the same checkpoint.
     assert os.path.isdir(os.path.join(run, ".hydra")) and os.path.isfile(os.path.join(run, "train.log"))
@@ -144,6 +152,47 @@ def test_resume_two_ranks_continues_identically(two_rank_runs, tmp_path, engine)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), (engine, k)
+
+
+@pytest.mark.slow
+def test_sharded_reference_holds_a_slice_and_gathers_the_full_model(tmp_path):
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          os.path.join(ROOT, "tests", "dist_helpers.py"), "sharded_reference", str(tmp_path)], cwd=tmp_path)
+    for rank in (0, 1):
+        r = json.load(open(tmp_path / f"sharded_reference-rank{rank}.json"))
+        assert r["gathered_equal"] and r["logits_equal"] and r["released"], r
+        # half of every parameter, each rounded up to whole elements
+        assert r["total_numel"] / 2 <= r["local_numel"] <= r["total_numel"] / 2 + 64, r
+
+
+# A scoring arm on 2 ranks: one-step problems whose every SFT solution has a meta block, so the
+# scorer gets members (as in tests/test_arms_train.py), plus a KL term on the frozen reference.
+META_ARGS = [a for a in ARGS if not a.startswith(("sft.steps=", "data.synthetic.num_train=", "rollout.max_new_tokens="))] + [
+    "data.synthetic.num_train=150", "data.synthetic.levels=[1]", "data.synthetic.meta_fraction=1.0", "sft.steps=30",
+    "rollout.max_new_tokens=40", "reward.meta_warmup_steps=1", "algo.kl_coef=0.05", "trainer.save_every=0",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm,engine,shard", [("pmi", "fsdp2", True), ("pmi", "deepspeed_zero3", True), ("cf", "ddp", False)])
+def test_meta_arm_on_two_ranks_matches_one_process(tmp_path, arm, engine, shard):
+    """Scorer passes and split rollouts under a multi-process engine, with the frozen reference
+    replicated or sharded (`engine.shard_reference`): the same training as one process."""
+    one = tmp_path / "single"
+    _run([sys.executable, "-m", "selfdistill.train", *META_ARGS, f"experiment={arm}", "engine=single", f"hydra.run.dir={one}"], cwd=tmp_path)
+    two = tmp_path / "two"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "selfdistill.train",
+          *META_ARGS, f"experiment={arm}", f"engine={engine}", *ENGINE_ARGS.get(engine, []),
+          f"engine.shard_reference={str(shard).lower()}", f"hydra.run.dir={two}"], cwd=tmp_path)
+    rows = [r for r in _rows(one) if r["stage"] == "grpo"]
+    assert len(rows) == 3 and all(r["reward/meta_weight"] > 0 for r in rows[1:])
+    if arm == "pmi":
+        assert sum(r.get("scorer/sequences", 0) for r in rows) > 0, "the scorer never ran: the test would prove nothing"
+        assert all(r["kl"] >= 0 for r in rows)
+    # The scorer batches each rank's rows apart (other padding, other float sums): the meta
+    # advantages, a difference of log-prob differences, agree to ~1e-6, the grad norm to ~2e-5.
+    _assert_same_training(one, two, engine, exact=(*EXACT, "scorer/sequences", "scorer/tokens", "grader/graded"),
+                          rtol={"grad_norm": 2e-4, "loss": 2e-4})
 
 
 @pytest.mark.slow
@@ -198,6 +247,31 @@ def test_guarded_step_holds_for_every_engine(tmp_path):
                 assert "on rank 1: loss=nan, gradient of model." in r["raised"], (engine, r["raised"])
             if rank == 0:
                 assert r["frozen_copy_diff"] == 0.0 and r["frozen_copy_frozen"], (engine, r)
+
+
+@pytest.mark.slow
+def test_ranks_with_unequal_rows_update_like_one_process(tmp_path):
+    """Zero-std filtering leaves ranks with different numbers of rows (5 + 1, or 6 + 0): each rank's
+    loss is weighted by its share of the global rows (grpo) or tokens (dapo), an empty rank joins
+    the step with a zero-weight row, and the update equals one process on all 6 rows."""
+    helper = os.path.join(ROOT, "tests", "dist_helpers.py")
+    _run([sys.executable, helper, "uneven_rows", str(tmp_path)], cwd=tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", helper, "uneven_rows",
+          str(tmp_path)], cwd=tmp_path)
+    for loss_type in ("grpo", "dapo"):
+        ref = torch.load(tmp_path / f"uneven-single-{loss_type}-6.pt", weights_only=True)
+        for engine in ENGINES:
+            for first in (5, 6):
+                got = torch.load(tmp_path / f"uneven-{engine}-{loss_type}-{first}.pt", weights_only=True)
+                # The global gradient norm (before clipping) sees the loss scale; Adam's first step
+                # (~lr * sign(g)) sees the direction, up to elements whose gradient is near eps.
+                assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (engine, loss_type, first)
+                shared = ref["weights"].keys() & got["weights"].keys()  # a tied lm_head may be left out
+                assert len(shared) >= len(ref["weights"]) - 1, (engine, sorted(ref["weights"].keys() - shared))
+                for k in shared:
+                    v = ref["weights"][k]
+                    torch.testing.assert_close(got["weights"][k], v, rtol=0, atol=UNEVEN_ATOL,
+                                               msg=lambda m: f"{engine} {loss_type} {first} {k}: {m}")
 
 
 @pytest.mark.slow

@@ -75,43 +75,84 @@ def select_rows(batch: RolloutBatch, adv: Tensor, keep: Tensor) -> tuple[Rollout
     return sub, adv[idx]
 
 
+def loss_denominator(loss_type: str, loss_mask: Tensor) -> float:
+    """What `policy_loss` divides a minibatch's summed token losses by: rows for grpo, gspo and
+    dr_grpo (dr_grpo's constant length cancels), loss tokens for dapo."""
+    return float((loss_mask != 0).sum()) if loss_type == "dapo" else float(loss_mask.shape[0])
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model, batch: RolloutBatch, pad_id: int, temperature: float) -> Tensor | None:
+    """Per-token log-probs [R, T] of the rollouts under the frozen reference (the KL term); None for
+    no rows."""
+    if len(batch) == 0:
+        return None
+    logp, _ = completion_logprobs(ref_model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id, temperature)
+    return logp
+
+
 def policy_update(engine, batch: RolloutBatch, token_adv: Tensor, pad_id: int, cfg: Config, step: int,
-                  ref_model=None) -> tuple[int, dict[str, float]]:
-    """PPO-style epochs x minibatches of the clipped loss. Returns (optimizer steps applied, metrics)."""
+                  ref_logp: Tensor | None = None, filler: RolloutBatch | None = None) -> tuple[int, dict[str, float]]:
+    """PPO-style epochs x minibatches of the clipped loss. Returns (optimizer steps applied, metrics).
+    `ref_logp`: the reference's per-token log-probs of these rows (`reference_logprobs`) for the KL term.
+
+    Under data parallelism every rank takes the same number of optimizer steps and each step's loss
+    is the one a single process would compute on the global minibatch: a rank's loss is weighted by
+    its share of the global denominator (rows, or tokens for dapo), so ranks holding different
+    numbers of rows (zero-std filtering) still average to the global mean. A rank with no rows in a
+    minibatch runs a zero-weight pass on `filler` (one row) so it still joins the collectives.
+    """
     a, model, temp = cfg.algo, engine.model, cfg.rollout.temperature
     device = engine.device
     R = len(batch)
-    old_logp = ref_logp = None
-    if a.ppo_epochs > 1 or a.num_minibatches > 1:
+    if R == 0 and filler is None:
+        raise ValueError("policy_update: this rank has no rows; pass `filler` (one row) so it can join the step")
+    old_logp = None
+    if R and (a.ppo_epochs > 1 or a.num_minibatches > 1):
         with torch.no_grad():
             old_logp, _ = completion_logprobs(model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id, temp)
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_logp, _ = completion_logprobs(ref_model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id, temp)
+    if ref_logp is not None:
+        ref_logp = ref_logp.to(device)
     loss_mask = batch.loss_mask.to(device)
     lengths = batch.lengths.to(device)
     token_adv = token_adv.to(device)
     applied, sums, count = 0, {}, 0
     for _ in range(a.ppo_epochs):
-        for rows in torch.arange(R).chunk(a.num_minibatches):
-            if rows.numel() == 0:
+        for rows in torch.arange(R).tensor_split(a.num_minibatches):
+            local = loss_denominator(a.loss_type, loss_mask[rows]) if rows.numel() else 0.0
+            total = engine.reduce_sum({"d": local})["d"] if engine.world_size > 1 else local
+            if total == 0:  # no rows (or, for dapo, no tokens) on any rank: every rank skips alike
                 continue
-            r = rows.tolist()
-            logp, entropy = completion_logprobs(
-                model, [batch.prompt_ids[i] for i in r], batch.completion_ids[rows], batch.completion_mask[rows], pad_id, temp, with_entropy=True,
-            )
-            old = old_logp[rows] if old_logp is not None else logp.detach()
-            loss, stats = ops.dispatched_policy_loss(
-                logp, old, token_adv[rows], loss_mask[rows], lengths[rows],
-                ref_logp=ref_logp[rows] if ref_logp is not None else None, entropy=entropy,
-                loss_type=a.loss_type, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
-                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-                token_weighting=a.token_weighting, max_len_norm=a.max_len_norm or cfg.rollout.max_new_tokens,
-            )
-            engine.backward(loss)
-            ok, grad_norm = engine.step(float(loss.detach()), step + applied)
+            if rows.numel() == 0:
+                _zero_weight_pass(engine, filler, pad_id, temp)
+            else:
+                r = rows.tolist()
+                logp, entropy = completion_logprobs(
+                    model, [batch.prompt_ids[i] for i in r], batch.completion_ids[rows], batch.completion_mask[rows], pad_id, temp, with_entropy=True,
+                )
+                old = old_logp[rows] if old_logp is not None else logp.detach()
+                loss, stats = ops.dispatched_policy_loss(
+                    logp, old, token_adv[rows], loss_mask[rows], lengths[rows],
+                    ref_logp=ref_logp[rows] if ref_logp is not None else None, entropy=entropy,
+                    loss_type=a.loss_type, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+                    kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+                    token_weighting=a.token_weighting, max_len_norm=a.max_len_norm or cfg.rollout.max_new_tokens,
+                )
+                if engine.world_size > 1:  # exactly 1.0 when the ranks' shares are equal
+                    loss = loss * (local * engine.world_size / total)
+                engine.backward(loss)
+                count += 1
+                for k, v in {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            ok, grad_norm = engine.step(float(loss.detach()) if rows.numel() else 0.0, step + applied)
             applied += int(ok)
-            count += 1
-            for k, v in {"loss": float(loss.detach()), "grad_norm": grad_norm, **{k: float(v) for k, v in stats.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + v
+            if rows.numel():
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
     return applied, {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def _zero_weight_pass(engine, filler: RolloutBatch, pad_id: int, temp: float) -> None:
+    """Forward and backward one row with weight 0: gradients of zero, but the rank takes part in the
+    sharded forward (FSDP2 / ZeRO-3 gathers) and the gradient reduction like its peers."""
+    logp, _ = completion_logprobs(engine.model, filler.prompt_ids[:1], filler.completion_ids[:1], filler.completion_mask[:1], pad_id, temp)
+    engine.backward(torch.where(filler.completion_mask[:1].to(logp.device), logp, 0.0).sum() * 0.0)

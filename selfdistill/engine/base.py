@@ -213,8 +213,8 @@ class Engine:
         """An unsharded copy of the current policy on this device, eval mode, no gradients.
 
         The frozen reference/scorer of SPEC section 1. Sharded engines build it from the
-        consolidated weights: each rank then holds the full reference (see the README's memory
-        notes; `engine.shard_reference` is reserved for a sharded reference)."""
+        consolidated weights; `engine.shard_reference` then keeps only a slice of it per rank
+        between scoring phases (selfdistill.engine.reference)."""
         return copy.deepcopy(self.unwrapped()).eval().requires_grad_(False)
 
     # -- helpers for the sharded engines -------------------------------------------------------
