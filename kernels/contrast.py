@@ -229,17 +229,7 @@ def gold_decoy_contrast(
     return contrast, masked_finite_sum(contrast, divergent.bool())
 
 
-def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT) -> Tensor:
-    """Triton `clipped_mean_min` (same contract as the reference): per row of [R, K],
-    mean(clip(x)) + min_weight * min(clip(x)) over `mask`; NaN for an empty row or a non-finite x.
-
-    A reward reduction: forward only (raises on inputs that require grad).
-    """
-    if values.dim() != 2 or mask.shape != values.shape:
-        raise ValueError(f"clipped_mean_min expects values and mask [R, K]; got {tuple(values.shape)} and {tuple(mask.shape)}")
-    if values.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError("clipped_mean_min (triton) has no backward; call it under torch.no_grad() or use ops.backend=torch")
-    check_launchable("clipped_mean_min", values, mask)
+def _clipped_mean_min_forward(values: Tensor, mask: Tensor, clip: float, min_weight: float) -> Tensor:
     R, K = values.shape
     out = torch.empty(R, dtype=torch.float32, device=values.device)
     if R:
@@ -248,3 +238,41 @@ def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, mi
             BLOCK_K=max(16, min(1024, triton.next_power_of_2(max(K, 1)))),
         )
     return out
+
+
+class ClippedMeanMinFunction(torch.autograd.Function):
+    """Forward: the Triton row reduction. Backward (elementwise, in torch): d out / d x_k =
+    [k used, |x_k| <= clip] * (1 / n_used + min_weight * [x_k is the row's min] / n_ties), and 0 for
+    rows that are NaN (no member) -- the gradient torch gives the reference formula."""
+
+    @staticmethod
+    def forward(ctx, values, mask, clip, min_weight):
+        out = _clipped_mean_min_forward(values, mask, clip, min_weight)
+        ctx.save_for_backward(values, mask, out)
+        ctx.clip, ctx.min_weight = clip, min_weight
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        values, mask, out = ctx.saved_tensors
+        used = mask.bool() & torch.isfinite(values)
+        x = values.float()
+        c = torch.where(used, x, 0.0).clamp(-ctx.clip, ctx.clip)
+        low = torch.where(used, c, float("inf")).amin(-1, keepdim=True)
+        is_min = used & (c == low)
+        inside = used & (x >= -ctx.clip) & (x <= ctx.clip)
+        n = used.sum(-1, keepdim=True).clamp(min=1)
+        ties = is_min.sum(-1, keepdim=True).clamp(min=1)
+        local = inside.float() / n + ctx.min_weight * (is_min & inside).float() / ties
+        g = torch.where(torch.isnan(out), 0.0, dout.float()).unsqueeze(-1)
+        return (g * local).to(values.dtype), None, None, None
+
+
+def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT) -> Tensor:
+    """Triton `clipped_mean_min` (same contract as the reference): per row of [R, K],
+    mean(clip(x)) + min_weight * min(clip(x)) over `mask`; NaN for an empty row or a non-finite x.
+    Differentiable w.r.t. `values` (the rewards call it under no_grad)."""
+    if values.dim() != 2 or mask.shape != values.shape:
+        raise ValueError(f"clipped_mean_min expects values and mask [R, K]; got {tuple(values.shape)} and {tuple(mask.shape)}")
+    check_launchable("clipped_mean_min", values, mask)
+    return ClippedMeanMinFunction.apply(values, mask, float(clip), float(min_weight))

@@ -126,7 +126,6 @@ class EngineConfig:
 @dataclass
 class OpsConfig:
     backend: str = "auto"  # auto = triton on CUDA, torch on CPU
-    vocab_chunk: int = 4096
 
 
 @dataclass

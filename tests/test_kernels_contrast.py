@@ -168,6 +168,29 @@ def test_clipped_mean_min_random_and_gm_dispatch():
     assert err(reference.gold_decoy_did(cm, cp, mask), want) < 1e-5
 
 
+def test_clipped_mean_min_gradient_matches_fp64():
+    """Clipped entries, ties at the min, masked-out entries and a NaN row: the same gradient as
+    autograd through the fp64 reference."""
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randn(6, 37, generator=gen) * 1.5
+    values[0, 3] = values[0, 5] = -1.7  # a tie at the row's min
+    values[1, :4] = torch.tensor([-5.0, -4.0, 2.5, 0.3])  # clipped, and the min lies below -clip
+    mask = torch.rand(6, 37, generator=gen) < 0.6
+    mask[0, 3] = mask[0, 5] = True
+    mask[1, :4] = True
+    mask[2] = False  # an empty row: NaN out, no gradient
+    dout = torch.randn(6, generator=gen)
+    x = values.clone().requires_grad_(True)
+    got = kernels.clipped_mean_min(x, mask)
+    (torch.nan_to_num(got) * dout).sum().backward()
+    x64 = values.double().requires_grad_(True)
+    want = reference.clipped_mean_min(x64, mask)
+    (torch.nan_to_num(want) * dout.double()).sum().backward()
+    assert err(got.detach(), want.detach().float()) < 1e-5
+    assert torch.isnan(got[2]) and not x.grad[2].any()
+    assert err(x.grad, x64.grad) < 1e-6
+
+
 def test_deterministic_across_runs():
     gold, decoy, gold_ids, decoy_ids = make_batch(4, 5, 300, seed=9, divergent=DIVERGENT)
     a = kernels.gold_decoy_contrast(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
