@@ -157,8 +157,12 @@ def test_errors_and_dispatch():
         kernels.policy_loss(*args, loss_type="ppo")
     with pytest.raises(ValueError, match="advantages must be"):
         kernels.policy_loss(batch["logp"], batch["old"], batch["adv"][:, :3], batch["mask"], batch["lengths"])
-    with pytest.raises(NotImplementedError, match="csrc"):
+    try:
         ops.set_backend("cuda")
+        with pytest.raises(NotImplementedError, match="csrc extension has no 'policy_loss'"):
+            ops.dispatched_policy_loss(*args)
+    finally:
+        ops.set_backend("auto")
     with pytest.raises(ValueError, match="not valid"):
         ops.set_backend("jax")
     assert ops._impl("policy_loss", "cpu") is reference.policy_loss  # auto on CPU -> torch

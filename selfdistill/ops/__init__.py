@@ -3,7 +3,9 @@
 `set_backend("torch" | "triton" | "cuda" | "auto")` picks the implementation used by the trainer;
 `auto` means Triton on CUDA tensors and the torch reference on CPU. An explicit `triton` on CPU
 runs through the Triton interpreter (set TRITON_INTERPRET=1 before `selfdistill.kernels` is first
-imported; slow, for tests). `cuda` (the csrc extension) is not written yet and raises.
+imported; slow, for tests). `cuda` is the csrc extension (selfdistill.ops.cuda_ext, built on first
+use; a CPU path too): it provides `token_logprobs` and the fused-linear variant, and raises
+NotImplementedError for the other ops.
 The torch references are importable here under the same names as in `selfdistill.kernels`.
 """
 
@@ -31,8 +33,6 @@ def set_backend(name: str) -> None:
     global _BACKEND
     if name not in _VALID:
         raise ValueError(f"ops.backend={name!r} is not valid; choose one of {', '.join(_VALID)}")
-    if name == "cuda":
-        raise NotImplementedError("ops.backend=cuda: the csrc extension does not provide these ops yet; use triton or torch")
     _BACKEND = name
 
 
@@ -57,6 +57,13 @@ def _triton_compiles() -> bool:
 
 
 def _impl(name: str, device_type: str):
+    if resolve(device_type) == "cuda":  # the csrc extension (CPU path too, for tests)
+        from selfdistill.ops import cuda_ext
+
+        if name in cuda_ext.PROVIDED:
+            return getattr(cuda_ext, name)
+        raise NotImplementedError(f"ops.backend=cuda: the csrc extension has no {name!r} yet "
+                                  f"(it provides {', '.join(cuda_ext.PROVIDED)}); use ops.backend=triton or torch")
     if resolve(device_type) == "triton":
         import selfdistill.kernels as kernels
 

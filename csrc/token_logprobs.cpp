@@ -1,0 +1,212 @@
+// Fused per-token log-prob and entropy from logits [N, V] (SPEC section 7), the `cuda` backend of
+// selfdistill.ops. One pass over each row keeps an online log-sum-exp in fp32 -- the running max m,
+// d = sum exp(s - m) and a = sum exp(s - m) * (s - m), with s = z / T -- so the fp32 [N, V] upcast
+// is never built:
+//   log p_v = (z_v - max z) / T - log d,   entropy = log d - a / d
+// (differences of logits are taken before scaling, and the entropy comes from the max-shifted a,
+// not lse - E[s]: both avoid rounding logit-sized numbers). The saved row stats are (max z, log d).
+// The backward recomputes log p from them and uses s_v - E_p[s] = log p_v + H:
+//   d s_v = dlogp * ([v == y] - p_v) - dentropy * p_v * (log p_v + H),   d z = d s / T.
+// CPU here (at::parallel_for over rows); CUDA in token_logprobs_cuda.cu when built WITH_CUDA.
+
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+// token_logprobs_cuda.cu (torch-free kernels). dtype: 0 = float32, 1 = float16, 2 = bfloat16.
+cudaError_t token_logprobs_forward_launch(const void* z, int dtype, const int64_t* y, float* logp, float* ent,
+                                          float* stats, int64_t N, int64_t V, int64_t stride, float inv_t,
+                                          cudaStream_t stream);
+cudaError_t token_logprobs_backward_launch(const void* z, int dtype, const int64_t* y, const float* stats,
+                                           const float* ent, const float* dlogp, const float* dent, void* dz,
+                                           int64_t N, int64_t V, int64_t stride, float inv_t, cudaStream_t stream);
+
+namespace {
+int cuda_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, "token_logprobs (cuda): logits must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return -1;
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(const at::Tensor& logits,
+                                                                          const at::Tensor& targets,
+                                                                          double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
+  auto y = targets.contiguous();
+  const int64_t N = z.size(0), V = z.size(1);
+  auto opts = z.options().dtype(at::kFloat);
+  auto logp = at::empty({N}, opts), ent = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
+  const cudaError_t err = token_logprobs_forward_launch(
+      z.data_ptr(), cuda_dtype(z), y.data_ptr<int64_t>(), logp.data_ptr<float>(), ent.data_ptr<float>(),
+      stats.data_ptr<float>(), N, V, z.stride(0), static_cast<float>(inv_temperature), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "token_logprobs (cuda) forward: ", cudaGetErrorString(err));
+  return {logp, ent, stats};
+}
+
+at::Tensor token_logprobs_backward_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
+                                        const at::Tensor& entropy, const at::Tensor& dlogp, const at::Tensor& dentropy,
+                                        double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
+  auto y = targets.contiguous();
+  auto st = stats.contiguous(), h = entropy.to(at::kFloat).contiguous();
+  auto gl = dlogp.to(at::kFloat).contiguous(), ge = dentropy.to(at::kFloat).contiguous();
+  const int64_t N = z.size(0), V = z.size(1);
+  auto dz = at::empty({N, V}, z.options());
+  const cudaError_t err = token_logprobs_backward_launch(
+      z.data_ptr(), cuda_dtype(z), y.data_ptr<int64_t>(), st.data_ptr<float>(), h.data_ptr<float>(),
+      gl.data_ptr<float>(), ge.data_ptr<float>(), dz.data_ptr(), N, V, z.stride(0), static_cast<float>(inv_temperature),
+      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "token_logprobs (cuda) backward: ", cudaGetErrorString(err));
+  return dz;
+}
+#endif
+
+namespace {
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 2, "token_logprobs: logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "token_logprobs: targets must be [N] with N = ", logits.size(0), ", got ", targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "token_logprobs: targets must be int64, got ", targets.scalar_type());
+  TORCH_CHECK(logits.device() == targets.device(), "token_logprobs: logits and targets on different devices");
+}
+
+template <typename scalar_t>
+void forward_rows(const scalar_t* z, const int64_t* y, float* logp, float* ent, float* stats, int64_t begin,
+                  int64_t end, int64_t V, int64_t stride, float inv_t) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* row = z + r * stride;
+    // mz: the raw max logit (m = mz / T). d and a accumulate in double: a sequential fp32 sum over
+    // the vocabulary would lose ~sqrt(V) ulps (torch sums pairwise; the CUDA path merges a tree).
+    float mz = kNegInf;
+    double d = 0.0, a = 0.0;
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = static_cast<float>(row[v]);
+      if (zv == kNegInf) continue;  // a banned token: p = 0, contributes nothing
+      if (d == 0.0) {
+        mz = zv, d = 1.0, a = 0.0;
+      } else if (zv > mz) {  // rescale to the new max: sum e^(s'-s)(s'-s) = e^(m-s) (a + d (m - s))
+        const double shift = static_cast<double>((mz - zv) * inv_t);
+        const double scale = std::exp(shift);
+        a = scale * (a + d * shift);
+        d = d * scale + 1.0;
+        mz = zv;
+      } else {
+        const double sm = static_cast<double>((zv - mz) * inv_t);  // s - m, scaled after the subtraction
+        const double e = std::exp(sm);
+        d += e;
+        a += e * sm;
+      }
+    }
+    const int64_t t = y[r];
+    TORCH_CHECK(t >= 0 && t < V, "token_logprobs: target ", t, " of row ", r, " is outside the vocabulary [0, ", V, ")");
+    const float logd = static_cast<float>(std::log(d));
+    logp[r] = (static_cast<float>(row[t]) - mz) * inv_t - logd;
+    ent[r] = static_cast<float>(std::log(d) - a / d);
+    stats[2 * r] = mz;
+    stats[2 * r + 1] = logd;
+  }
+}
+
+template <typename scalar_t>
+void backward_rows(const scalar_t* z, const int64_t* y, const float* stats, const float* ent, const float* dlogp,
+                   const float* dent, scalar_t* dz, int64_t begin, int64_t end, int64_t V, int64_t stride, float inv_t) {
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* row = z + r * stride;
+    scalar_t* out = dz + r * V;
+    const float mz = stats[2 * r], logd = stats[2 * r + 1];
+    for (int64_t v = 0; v < V; ++v) {
+      const float lp = (static_cast<float>(row[v]) - mz) * inv_t - logd;
+      const float p = std::exp(lp);
+      float g = -dlogp[r] * p;
+      if (p > 0.f) g -= dent[r] * p * (lp + ent[r]);
+      if (v == y[r]) g += dlogp[r];
+      out[v] = static_cast<scalar_t>(g * inv_t);
+    }
+  }
+}
+
+}  // namespace
+
+// (logp [N], entropy [N], stats [N, 2] = (max z, log d)), all fp32; the backward takes stats and entropy.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& logits, const at::Tensor& targets,
+                                                                     double inv_temperature) {
+  check_inputs(logits, targets);
+#ifdef WITH_CUDA
+  if (logits.is_cuda()) return token_logprobs_forward_cuda(logits, targets, inv_temperature);
+#endif
+  TORCH_CHECK(logits.device().is_cpu(), "token_logprobs: this build has no CUDA; logits are on ", logits.device());
+  auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
+  auto y = targets.contiguous();
+  const int64_t N = z.size(0), V = z.size(1);
+  auto opts = z.options().dtype(at::kFloat);
+  auto logp = at::empty({N}, opts), ent = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "token_logprobs_forward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const int64_t* yp = y.data_ptr<int64_t>();
+    const int64_t stride = z.stride(0);
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      forward_rows<scalar_t>(zp, yp, logp.data_ptr<float>(), ent.data_ptr<float>(), stats.data_ptr<float>(), b, e, V,
+                             stride, static_cast<float>(inv_temperature));
+    });
+  });
+  return {logp, ent, stats};
+}
+
+// d logits [N, V] in the logits' dtype.
+at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
+                                   const at::Tensor& entropy, const at::Tensor& dlogp, const at::Tensor& dentropy,
+                                   double inv_temperature) {
+  check_inputs(logits, targets);
+#ifdef WITH_CUDA
+  if (logits.is_cuda())
+    return token_logprobs_backward_cuda(logits, targets, stats, entropy, dlogp, dentropy, inv_temperature);
+#endif
+  auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
+  auto y = targets.contiguous();
+  auto gl = dlogp.to(at::kFloat).contiguous(), ge = dentropy.to(at::kFloat).contiguous();
+  auto st = stats.contiguous(), h = entropy.to(at::kFloat).contiguous();
+  const int64_t N = z.size(0), V = z.size(1);
+  auto dz = at::empty({N, V}, z.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "token_logprobs_backward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const int64_t stride = z.stride(0);
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      backward_rows<scalar_t>(zp, y.data_ptr<int64_t>(), st.data_ptr<float>(), h.data_ptr<float>(), gl.data_ptr<float>(),
+                              ge.data_ptr<float>(), dz.data_ptr<scalar_t>(), b, e, V, stride,
+                              static_cast<float>(inv_temperature));
+    });
+  });
+  return dz;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("token_logprobs_forward", &token_logprobs_forward,
+        "(logp, entropy, stats) fp32 from logits [N, V] and targets [N] at 1 / temperature");
+  m.def("token_logprobs_backward", &token_logprobs_backward,
+        "d logits from the forward's stats and entropy and the upstream d logp, d entropy");
+  m.attr("with_cuda") =
+#ifdef WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}
