@@ -89,3 +89,45 @@ def test_planted_nan_reward_leaves_siblings_alone_and_weights_finite():
     applied, stats = grpo.policy_update(engine, batch, adv.tokens, tok.pad_token_id, cfg, step=0)
     assert applied == 1 and math.isfinite(stats["loss"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_empty_groups_and_empty_completions_stay_finite():
+    """A group whose rollouts are all empty (no completion token) or all unscored gives 0 advantage
+    and no loss; its presence does not change the update of the other groups; a batch where zero-std
+    filtering keeps nothing applies no step."""
+    cfg, engine, model, tok = _engine("raise")
+    prompt = tok("<|bos|>Q: 1+2\nA: ", add_special_tokens=False)["input_ids"]
+    text = tok("1+2=3 \\boxed{3}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    R, T = 8, len(text)
+    ids = torch.tensor([text] * R)
+    mask = torch.ones(R, T, dtype=torch.bool)
+    mask[4:] = False  # group 1: four empty completions (nothing generated, not even EOS)
+    ids[4:] = tok.pad_token_id
+    batch = RolloutBatch(prompt_ids=[prompt] * R, completion_ids=ids, completion_mask=mask,
+                         forced_mask=torch.zeros(R, T, dtype=torch.bool), group_ids=torch.arange(2).repeat_interleave(4),
+                         with_arm=torch.ones(R, dtype=torch.bool), texts=[""] * R)
+    correctness = torch.tensor([1.0, -1.0, -1.0, 1.0] + [float("nan")] * 4)  # group 1: nothing scorable
+    adv = grpo.assemble_advantages(batch, {"correctness": correctness}, None, meta_token_ids(tok), cfg, steps_applied=0)
+    assert torch.isfinite(adv.tokens).all() and not adv.tokens[4:].any()
+
+    # The same update as the non-empty group alone: grpo averages over sequences, so the empty
+    # rows only rescale the loss by 4/8, and the global gradient norm by the same factor.
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    applied, stats = grpo.policy_update(engine, batch, adv.tokens, tok.pad_token_id, cfg, step=0)
+    assert applied == 1 and math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    cfg2, engine2, model2, _ = _engine("raise")
+    model2.load_state_dict(before)
+    sub, sub_adv = grpo.select_rows(batch, adv.tokens, torch.arange(R) < 4)
+    _, stats2 = grpo.policy_update(engine2, sub, sub_adv, tok.pad_token_id, cfg2, step=0)
+    assert stats["grad_norm"] == pytest.approx(stats2["grad_norm"] / 2, rel=1e-5)
+
+    # zero-std filtering of a batch whose groups are all constant keeps no row: no step, no error
+    cfg.algo.filter_zero_std = True
+    flat = grpo.assemble_advantages(batch, {"correctness": torch.tensor([1.0] * 4 + [float("nan")] * 4)}, None,
+                                    meta_token_ids(tok), cfg, steps_applied=0)
+    assert not flat.keep.any()
+    empty, empty_adv = grpo.select_rows(batch, flat.tokens, flat.keep)
+    filler = grpo.select_rows(batch, flat.tokens, torch.arange(R) == 0)[0]
+    assert grpo.policy_update(engine, empty, empty_adv, tok.pad_token_id, cfg, step=1, filler=filler) == (0, {})
