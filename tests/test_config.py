@@ -27,7 +27,9 @@ def test_demo_recipe_values():
     cfg = compose_config(["experiment=demo"])
     assert cfg.trainer.stages == ["sft", "eval", "grpo", "eval"]
     assert cfg.reward.name == "base" and cfg.algo.loss_type == "grpo"
-    assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.kl_coef, cfg.algo.entropy_coef) == (0.2, 0.28, 0.0, 0.001)
+    assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.kl_coef, cfg.algo.entropy_coef) == (0.2, 0.28, 0.0, 0.0)
+    assert (cfg.grpo.lr, cfg.grpo.batch_size, cfg.rollout.n, cfg.rollout.temperature) == (2e-5, 16, 8, 0.6)
+    assert compose_config([]).algo.entropy_coef == 0.001  # the schema default; the demo turns it off
 
 
 def test_unknown_key_fails_at_compose():
