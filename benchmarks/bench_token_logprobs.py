@@ -2,7 +2,8 @@
 
 Providers: `torch_naive` (fp32 log_softmax over the whole [N, V], the usual eager code),
 `torch_reference` (selfdistill.ops.reference, row-chunked), `torch_compile` (torch.compile of the
-naive code), `triton` (selfdistill.kernels), `liger` (Liger's cross_entropy with reduction="none":
+naive code), `triton` (selfdistill.kernels), `cuda` (the csrc extension, `ops.backend=cuda`; built
+on first use, its CPU path on CPU), `liger` (Liger's cross_entropy with reduction="none":
 -logp only, no entropy; a lower bound on the work, shown when installed).
 Throughput: bytes the op must move, fwd = N V (read), fwd_bwd = 3 N V (read, read, write grad).
 
@@ -21,7 +22,7 @@ PRESETS = {
     "small": [dict(N=1024, V=32000, dtype="fp32")],
     "tiny": [dict(N=16, V=1000, dtype="fp32")],
 }
-PROVIDERS = ["torch_naive", "torch_reference", "torch_compile", "triton", "liger"]
+PROVIDERS = ["torch_naive", "torch_reference", "torch_compile", "triton", "cuda", "liger"]
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -42,6 +43,11 @@ def provider_fn(name: str):
         return compiled(naive)
     if name == "triton":
         return kernels().token_logprobs
+    if name == "cuda":
+        from selfdistill.ops import cuda_ext
+
+        cuda_ext.extension()  # build (or load) before timing
+        return cuda_ext.token_logprobs
     if name == "liger":
         lf = liger_functional()
         if lf is None:

@@ -1,8 +1,8 @@
 """The kernel microbenchmarks run end to end at a tiny CPU shape and write well-formed JSON.
 
 One subprocess per script (benchmarks/bench_*.py), eager torch reference and the Triton kernel
-through the interpreter; torch.compile is left out here only because compiling costs more than the
-whole smoke run. Checks the document's keys and that every number is finite.
+through the interpreter (and, for token_logprobs, the csrc extension's CPU path); torch.compile is
+left out here only because compiling costs more than the whole smoke run. Checks the document's keys and that every number is finite.
 """
 
 import json
@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {
-    "bench_token_logprobs.py": ("token_logprobs", "torch_reference,triton", "gbps", {"fwd", "fwd_bwd"}),
+    "bench_token_logprobs.py": ("token_logprobs", "torch_reference,triton,cuda", "gbps", {"fwd", "fwd_bwd"}),
     "bench_fused_linear.py": ("fused_linear_token_logprobs", "torch_reference,triton", "tflops", {"fwd", "fwd_bwd"}),
     "bench_contrast.py": ("gold_decoy_contrast", "torch_reference,triton", "gbps", {"fwd"}),
     "bench_policy_loss.py": ("policy_loss", "torch_reference,triton", "gbps", {"fwd_bwd"}),
