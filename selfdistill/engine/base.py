@@ -265,6 +265,19 @@ def init_process_group(cfg: Config) -> None:
     backend = default_backend(cfg)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt is not None:
+        # torchrun's agent store outlives a `--max-restarts` restart, keys included: a restarted rank
+        # could read the dead attempt's gloo/NCCL addresses and wait on them until the timeout
+        # (seen as a hang in init). A prefix per attempt keeps each attempt's rendezvous apart.
+        from torch.distributed.constants import default_pg_timeout
+
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                    is_master=False, timeout=default_pg_timeout)
+        store = dist.PrefixStore(f"selfdistill/attempt-{attempt}", agent_store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        return
     dist.init_process_group(backend=backend)
 
 
