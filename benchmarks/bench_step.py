@@ -21,6 +21,10 @@ prompts, each completed by its worked solution with a meta block, the SFT model 
     python benchmarks/bench_step.py --json out.json
     python benchmarks/bench_step.py --arms base,pmi_shift --steps 4 --engine single --json out.json
     python benchmarks/bench_step.py --model-size full --sft-steps 150      # the demo's tiny model
+    python benchmarks/bench_step.py --arms base --engine fsdp2 --json fsdp2.json  # per engine: tokens/s, peak memory
+
+Per arm it also reports `tokens_per_s` (completion tokens over the step time, median) and
+`peak_mem_mb` (CUDA: peak allocated during that arm's run; CPU: the process's peak RSS so far).
 """
 
 from __future__ import annotations
@@ -117,15 +121,29 @@ def run_arm(arm: str, overrides: list[str], sft_ckpt: str, root: str) -> tuple[d
     from selfdistill.trainer import Trainer
 
     run_dir = os.path.join(root, arm)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     Trainer(compose([f"experiment={arm}", *overrides, f"trainer.resume={sft_ckpt}"]), run_dir).run()
     rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["stage"] == "grpo"][1:]
     out = {f"{ph}_s": statistics.median(r[f"perf/{ph}_s"] for r in rows) for ph in PHASES}
     out["step_s"] = statistics.median(sum(r[f"perf/{ph}_s"] for ph in PHASES) for r in rows)
+    out["tokens_per_s"] = statistics.median(r["perf/tokens_per_s"] for r in rows)  # completion tokens / step time
+    out.update(peak_memory())
     for key in ("meta/emission_rate", f"reward/{arm}/nan_frac", "scorer/sequences", "scorer/tokens", "accuracy"):
         if key in rows[0]:
             out[key] = statistics.mean(r[key] for r in rows)
     out["steps_measured"] = len(rows)
     return out, rows
+
+
+def peak_memory() -> dict:
+    """CUDA: peak allocated by this arm's run (reset before it). CPU: the process's peak RSS so far
+    (monotone over the runs of one invocation; run one arm per invocation to attribute it)."""
+    if torch.cuda.is_available():
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_mem_kind": "cuda_allocated"}
+    import resource
+
+    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_mem_kind": "process_max_rss"}
 
 
 def non_scoring_s(row: dict) -> float:
@@ -212,11 +230,12 @@ def main() -> None:
     }
     print(f"# bench_step on {doc['device']} ({doc['device_name']}, {doc['cpu_count']} cores), {R} rollouts/step, "
           f"median of {args.steps - 1} steps after warm-up; overhead = (score - base score) / same step's other phases + base score")
-    cols = ["arm", *[f"{p}_s" for p in PHASES], "step_s", "overhead", "emission", "members", "allmeta_s", "allmeta_ovh"]
+    cols = ["arm", *[f"{p}_s" for p in PHASES], "step_s", "tokens/s", "peak_MB", "overhead", "emission", "members", "allmeta_s",
+            "allmeta_ovh"]
     print(" | ".join(f"{c:>12}" for c in cols))
     for arm, row in arms.items():
         f = all_meta.get(arm, {})
-        cells = [arm, *[row[f"{p}_s"] for p in PHASES], row["step_s"], row["score_overhead_same_step"],
+        cells = [arm, *[row[f"{p}_s"] for p in PHASES], row["step_s"], row["tokens_per_s"], row["peak_mem_mb"], row["score_overhead_same_step"],
                  row.get("meta/emission_rate", float("nan")), 1 - row.get(f"reward/{arm}/nan_frac", float("nan")),
                  f.get("score_s", float("nan")), f.get("overhead_vs_pooled_step", float("nan"))]
         print(" | ".join(f"{c:>12.3f}" if isinstance(c, float) else f"{c:>12}" for c in cells))
