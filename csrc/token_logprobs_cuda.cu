@@ -67,7 +67,8 @@ __global__ void forward_kernel(const scalar_t* __restrict__ z, const int64_t* __
     acc = warp_merge(acc, inv_t);
     if (lane == 0) {
       const float logd = logf(acc.d);
-      logp[row] = (to_float(zr[y[row]]) - acc.mz) * inv_t - logd;
+      const int64_t t = y[row];  // out of range: NaN (the CPU path raises; a device-side raise would abort)
+      logp[row] = (t >= 0 && t < V) ? (to_float(zr[t]) - acc.mz) * inv_t - logd : NAN;
       ent[row] = logd - acc.a / acc.d;
       stats[2 * row] = acc.mz;
       stats[2 * row + 1] = logd;
