@@ -10,8 +10,8 @@ One program per completion walks its T tokens in tiles:
    summed per row together with the stats counters, and the per-token coefficient
    c_t = w_t d(l_t)/d(logp_t) (and -entropy_coef w_t for the entropy input) for the backward.
 
-The rows' sums are reduced on the host (B floats) into the loss of the chosen aggregation, which
-fixes one scale per row; the backward is grad_logp = c * scale_row * grad_loss, an elementwise
+The rows' sums are reduced on the host (B floats, `selfdistill.ops.row_pass_loss`, shared with the
+csrc extension) into the loss of the chosen aggregation, which fixes one scale per row; the backward is grad_logp = c * scale_row * grad_loss, an elementwise
 product with no recomputation. Only logp and entropy get gradients; old_logp, ref_logp and the
 advantages are constants of the step, as in every PPO-style trainer.
 """
@@ -25,11 +25,7 @@ from torch import Tensor
 
 from selfdistill.kernels.utils import as_kernel_mask, check_launchable, tile_sum
 from selfdistill.ops.reference import RAMP_W0, RAMP_W1
-
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
-KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
-TOKEN_WEIGHTINGS = ("uniform", "ramp")
-N_ROW_STATS = 7  # per row: loss, tokens, clipped low, clipped high, ratio, kl, entropy
+from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, N_ROW_STATS, check_policy_loss_inputs, fused_policy_loss
 
 
 @triton.jit
@@ -145,29 +141,11 @@ def _policy_loss_fwd_kernel(
     tl.store(out + 6, acc_ent)
 
 
-def _check_policy_loss_inputs(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, loss_type, kl_estimator, token_weighting, max_len_norm):
-    if logp.dim() != 2:
-        raise ValueError(f"policy_loss expects logp [B, T]; got {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("loss_mask", loss_mask), ("ref_logp", ref_logp), ("entropy", entropy)):
-        if t is not None and t.shape != logp.shape:
-            raise ValueError(f"policy_loss: {name} must be [B, T] = {tuple(logp.shape)} like logp, got {tuple(t.shape)}")
-    if lengths.shape != logp.shape[:1]:
-        raise ValueError(f"policy_loss: lengths must be [B={logp.shape[0]}], got {tuple(lengths.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not valid; choose grpo, dapo, dr_grpo or gspo")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl estimator {kl_estimator!r} is not valid; choose k1, k2 or k3")
-    if token_weighting not in TOKEN_WEIGHTINGS:
-        raise ValueError(f"token weighting {token_weighting!r} is not valid; choose uniform or ramp")
-    if loss_type == "dr_grpo" and not max_len_norm:
-        raise ValueError("loss_type=dr_grpo needs max_len_norm (the fixed generation length)")
-
-
-def policy_loss_forward(
+def row_pass(
     logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, *, loss_type, clip_low, clip_high, dual_clip,
     kl_coef, kl_estimator, entropy_coef, token_weighting, max_len_norm, need_entropy_grad,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
-    """Returns (loss, stats [5], coef [B, T], coef_entropy [B, T] or None, row_scale [B])."""
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The Triton row pass of `selfdistill.ops.row_pass_loss`: (coef [B, T], coef_entropy or None, rows [B, 7])."""
     B, T = logp.shape
     device = logp.device
     ent_in_loss = entropy is not None and entropy_coef != 0
@@ -186,38 +164,7 @@ def policy_loss_forward(
             GSPO=loss_type == "gspo", PREPASS=token_weighting == "ramp" or loss_type == "gspo", DUAL=dual_clip is not None,
             STORE_COEF_ENT=coef_ent is not None, N_STATS=N_ROW_STATS, BLOCK_T=block, num_warps=4,
         )
-    row_loss, tokens = rows[:, 0], rows[:, 1]
-    if loss_type in ("grpo", "gspo"):
-        row_scale = 1.0 / (max(B, 1) * tokens.clamp(min=1.0))
-    elif loss_type == "dapo":
-        row_scale = (1.0 / tokens.sum().clamp(min=1.0)).expand(B)
-    else:
-        row_scale = torch.full((B,), 1.0 / (max(B, 1) * max_len_norm), dtype=torch.float32, device=device)
-    loss = (row_loss * row_scale).sum()
-    totals = rows[:, 1:7].sum(0)
-    stats = totals[1:] / totals[0].clamp(min=1.0)  # clip low, clip high, ratio, kl, entropy
-    return loss, stats, coef, coef_ent, row_scale
-
-
-class PolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, entropy, old_logp, advantages, loss_mask, lengths, ref_logp, options: dict):
-        loss, stats, coef, coef_ent, row_scale = policy_loss_forward(
-            logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy,
-            need_entropy_grad=entropy is not None and ctx.needs_input_grad[1], **options,
-        )
-        ctx.save_for_backward(coef, coef_ent, row_scale)
-        ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, dloss, _dstats):
-        coef, coef_ent, row_scale = ctx.saved_tensors
-        scale = (row_scale * dloss).unsqueeze(1)
-        dlogp = (coef * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dent = (coef_ent * scale).to(ctx.dtypes[1]) if coef_ent is not None and ctx.needs_input_grad[1] else None
-        return dlogp, dent, None, None, None, None, None, None
+    return coef, coef_ent, rows
 
 
 def policy_loss(
@@ -243,16 +190,11 @@ def policy_loss(
 
     Gradients flow to `logp` and `entropy` only (old_logp, ref_logp, advantages are constants).
     """
-    _check_policy_loss_inputs(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, loss_type, kl_estimator, token_weighting, max_len_norm)
+    check_policy_loss_inputs(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, loss_type, kl_estimator,
+                             token_weighting, max_len_norm)
     check_launchable("policy_loss", *(t for t in (logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy) if t is not None))
-    options = dict(
-        loss_type=loss_type, clip_low=float(clip_low), clip_high=float(clip_high), dual_clip=dual_clip, kl_coef=float(kl_coef),
-        kl_estimator=kl_estimator, entropy_coef=float(entropy_coef), token_weighting=token_weighting, max_len_norm=max_len_norm,
+    return fused_policy_loss(
+        row_pass, logp, old_logp, advantages, loss_mask, lengths, ref_logp=ref_logp, entropy=entropy, loss_type=loss_type,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef, token_weighting=token_weighting, max_len_norm=max_len_norm,
     )
-    loss, stats = PolicyLossFunction.apply(logp, entropy, old_logp, advantages, loss_mask, lengths, ref_logp, options)
-    out = {"clip_ratio/low_mean": stats[0], "clip_ratio/high_mean": stats[1], "ratio_mean": stats[2]}
-    if ref_logp is not None:
-        out["kl"] = stats[3]
-    if entropy is not None:
-        out["entropy"] = stats[4]
-    return loss, out
