@@ -197,16 +197,3 @@ at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Tensor& t
   });
   return dz;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("token_logprobs_forward", &token_logprobs_forward,
-        "(logp, entropy, stats) fp32 from logits [N, V] and targets [N] at 1 / temperature");
-  m.def("token_logprobs_backward", &token_logprobs_backward,
-        "d logits from the forward's stats and entropy and the upstream d logp, d entropy");
-  m.attr("with_cuda") =
-#ifdef WITH_CUDA
-      true;
-#else
-      false;
-#endif
-}

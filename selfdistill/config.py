@@ -211,9 +211,6 @@ def validate(cfg: Config | DictConfig) -> None:
     _choice(cfg.algo.token_weighting, "algo.token_weighting", TOKEN_WEIGHTINGS)
     _choice(cfg.engine.name, "engine.name", ENGINES)
     _choice(cfg.ops.backend, "ops.backend", OPS_BACKENDS)
-    if cfg.ops.backend == "cuda" and "grpo" in cfg.trainer.stages:
-        raise ConfigError("ops.backend=cuda: the csrc extension provides the log-prob ops only, and the grpo stage also "
-                          "needs policy_loss (and the scoring arms the contrast ops); use ops.backend=triton (or auto)")
     _choice(cfg.reward.name, "reward.name", REWARDS)
     _choice(cfg.reward.agg, "reward.agg", REWARD_AGGS)
     _choice(cfg.rollout.without_mode, "rollout.without_mode", WITHOUT_MODES)

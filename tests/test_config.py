@@ -46,7 +46,6 @@ def test_unknown_key_fails_at_compose():
         ("rollout.n=1", "rollout.n=1"),
         ("engine.name=megatron", "engine.name='megatron' is not valid"),
         ("ops.backend=cublas", "ops.backend='cublas' is not valid"),
-        ("ops.backend=cuda", "the grpo stage also needs policy_loss"),
         ("reward.name=vibes", "reward.name='vibes' is not valid"),
         ("algo.loss_type=ppo", "algo.loss_type='ppo' is not valid"),
         ("reward.name=cf", "needs rollout.split_arms=true"),

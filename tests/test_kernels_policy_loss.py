@@ -159,8 +159,9 @@ def test_errors_and_dispatch():
         kernels.policy_loss(batch["logp"], batch["old"], batch["adv"][:, :3], batch["mask"], batch["lengths"])
     try:
         ops.set_backend("cuda")
-        with pytest.raises(NotImplementedError, match="csrc extension has no 'policy_loss'"):
-            ops.dispatched_policy_loss(*args)
+        with pytest.raises(NotImplementedError, match="csrc extension has no 'gold_decoy_contrast'"):
+            ops.dispatched_gold_decoy_contrast(torch.zeros(1, 2, 5), None, torch.zeros(1, 2, dtype=torch.long),
+                                               torch.ones(1, 2, dtype=torch.long), torch.tensor([[True, False]]))
     finally:
         ops.set_backend("auto")
     with pytest.raises(ValueError, match="not valid"):

@@ -6,8 +6,10 @@ sees a GPU, `csrc/token_logprobs_cuda.cu` (with `-DWITH_CUDA`) into the torch ex
 extra installs ninja), plus nvcc for the CUDA path.
 
 Ops provided: `token_logprobs` and, through it, `fused_linear_token_logprobs` (the projection is
-done by chunks of rows with the LM head in the input dtype, then the fused kernel). The other ops
-raise NotImplementedError under `ops.backend=cuda`; use `triton` or `torch` for them.
+done by chunks of rows with the LM head in the input dtype, then the fused kernel), and
+`policy_loss` (the csrc row pass under the host side shared with the Triton kernel,
+`selfdistill.ops.row_pass_loss`). The contrast ops raise NotImplementedError under
+`ops.backend=cuda`; use `triton` or `torch` for them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import os
 import torch
 from torch import Tensor
 
+from selfdistill.ops.reference import RAMP_W0, RAMP_W1
+from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, fused_policy_loss
+
 
 
 def _csrc_dir() -> str:
@@ -27,11 +32,12 @@ def _csrc_dir() -> str:
     return str(files("selfdistill.csrc"))
 
 
-PROVIDED = ("token_logprobs", "fused_linear_token_logprobs")
+PROVIDED = ("token_logprobs", "fused_linear_token_logprobs", "policy_loss")
 
 
 def sources(with_cuda: bool) -> list[str]:
-    names = ["token_logprobs.cpp"] + (["token_logprobs_cuda.cu"] if with_cuda else [])
+    names = ["bindings.cpp", "token_logprobs.cpp", "policy_loss.cpp"]
+    names += ["token_logprobs_cuda.cu", "policy_loss_cuda.cu"] if with_cuda else []
     return [os.path.join(_csrc_dir(), n) for n in names]
 
 
@@ -91,3 +97,32 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _row_pass(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, *, loss_type, clip_low, clip_high,
+              dual_clip, kl_coef, kl_estimator, entropy_coef, token_weighting, max_len_norm, need_entropy_grad):
+    """The csrc row pass for `selfdistill.ops.row_pass_loss` (fp32 inputs, uint8 mask)."""
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+    none = logp.new_zeros(0, dtype=torch.float32)
+    coef, coef_ent, rows = extension().policy_loss_row_pass(
+        f32(logp), f32(old_logp), f32(advantages), (loss_mask != 0).to(torch.uint8).contiguous(), lengths.long().contiguous(),
+        f32(ref_logp) if ref_logp is not None else none, f32(entropy) if entropy is not None else none,
+        1.0 - clip_low, 1.0 + clip_high, float(dual_clip or 0.0), kl_coef, entropy_coef, RAMP_W0, RAMP_W1,
+        KL_ESTIMATORS[kl_estimator], token_weighting == "ramp", loss_type == "gspo", dual_clip is not None, need_entropy_grad,
+    )
+    return coef, (coef_ent if coef_ent.numel() == coef.numel() and coef.numel() else None), rows
+
+
+def policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, loss_mask: Tensor, lengths: Tensor, *,
+    ref_logp: Tensor | None = None, entropy: Tensor | None = None, loss_type: str = "grpo", clip_low: float = 0.2,
+    clip_high: float = 0.28, dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+    entropy_coef: float = 0.001, token_weighting: str = "uniform", max_len_norm: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Same signature and semantics as `selfdistill.ops.reference.policy_loss` (gradients to logp and
+    entropy only)."""
+    return fused_policy_loss(
+        _row_pass, logp, old_logp, advantages, loss_mask, lengths, ref_logp=ref_logp, entropy=entropy, loss_type=loss_type,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef, token_weighting=token_weighting, max_len_norm=max_len_norm,
+    )

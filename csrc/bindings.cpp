@@ -1,0 +1,32 @@
+// The Python module of the extension (selfdistill.ops.cuda_ext builds it): the ops of
+// token_logprobs.cpp and policy_loss.cpp.
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& logits, const at::Tensor& targets,
+                                                                     double inv_temperature);
+at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
+                                   const at::Tensor& entropy, const at::Tensor& dlogp, const at::Tensor& dentropy,
+                                   double inv_temperature);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_row_pass(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
+    const at::Tensor& lengths, const at::Tensor& ref_logp, const at::Tensor& entropy, double ratio_low, double ratio_high,
+    double dual_clip, double kl_coef, double entropy_coef, double w0, double w1, int64_t kl_estimator, bool ramp, bool gspo,
+    bool has_dual, bool store_coef_entropy);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("token_logprobs_forward", &token_logprobs_forward,
+        "(logp, entropy, stats) fp32 from logits [N, V] and targets [N] at 1 / temperature");
+  m.def("token_logprobs_backward", &token_logprobs_backward,
+        "d logits from the forward's stats and entropy and the upstream d logp, d entropy");
+  m.def("policy_loss_row_pass", &policy_loss_row_pass,
+        "(coef [B, T], coef_entropy [B, T] or empty, rows [B, 7]) of the fused policy loss (selfdistill.ops.row_pass_loss)");
+  m.attr("with_cuda") =
+#ifdef WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}
