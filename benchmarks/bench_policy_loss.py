@@ -3,8 +3,8 @@
 Config: GRPO aggregation, clip-higher, dual clip 3, k3 KL (coef 0.01), entropy bonus 0.001, ramp
 token weights, 70% of tokens in the loss mask. Providers: `torch_reference`
 (selfdistill.ops.reference, eager), `torch_compile` (torch.compile of the reference), `triton`
-(selfdistill.kernels). Mode fwd_bwd (the step does both). Throughput: bytes of the [B, T] inputs
-read (logp, old, adv, ref, entropy fp32; mask 1 byte) plus the two fp32 gradients written.
+(selfdistill.kernels), `cuda` (the csrc extension). Mode fwd_bwd (the step does both).
+Throughput: bytes of the [B, T] inputs read (logp, old, adv, ref, entropy fp32; mask 1 byte) plus the two fp32 gradients written.
 
     python benchmarks/bench_policy_loss.py --json out.json
     python benchmarks/bench_policy_loss.py --device cpu --json out.json
@@ -21,7 +21,7 @@ PRESETS = {
     "small": [dict(B=64, T=512)],
     "tiny": [dict(B=4, T=40)],
 }
-PROVIDERS = ["torch_reference", "torch_compile", "triton"]
+PROVIDERS = ["torch_reference", "torch_compile", "triton", "cuda"]
 OPTIONS = dict(loss_type="grpo", dual_clip=3.0, kl_coef=0.01, kl_estimator="k3", entropy_coef=0.001, token_weighting="ramp")
 
 
@@ -34,6 +34,11 @@ def provider_fn(name: str):
         return compiled(policy_loss)
     if name == "triton":
         return kernels().policy_loss
+    if name == "cuda":
+        from selfdistill.ops import cuda_ext
+
+        cuda_ext.extension()  # build (or load) before timing
+        return cuda_ext.policy_loss
     raise ValueError(name)
 
 

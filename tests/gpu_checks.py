@@ -99,9 +99,11 @@ def main() -> int:
             return (loss.reshape(1),)
 
         # fp64 side: the torch reference fed fp64 tensors (its arithmetic follows the input dtype)
-        check(f"policy_loss/triton/{loss_type}", lambda lp, e: run(kernels.policy_loss, lp, e),
-              lambda lp, e: run(reference.policy_loss, lp, e), lambda lp, e: run(reference.policy_loss, lp, e),
-              [old + 0.1 * rand(B, T), ent])
+        lp0 = old + 0.1 * rand(B, T)
+        for label, impl in (("triton", kernels.policy_loss), ("csrc", cuda_ext.policy_loss)):
+            check(f"policy_loss/{label}/{loss_type}", lambda lp, e, impl=impl: run(impl, lp, e),
+                  lambda lp, e: run(reference.policy_loss, lp, e), lambda lp, e: run(reference.policy_loss, lp, e),
+                  [lp0, ent])
 
     R, K = (3, 5) if small else (512, 8)
     gold_ids, decoy_ids = torch.randint(0, V, (R, K), generator=gen).to(dev), torch.randint(0, V, (R, K), generator=gen).to(dev)

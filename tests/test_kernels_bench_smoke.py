@@ -1,7 +1,7 @@
 """The kernel microbenchmarks run end to end at a tiny CPU shape and write well-formed JSON.
 
 One subprocess per script (benchmarks/bench_*.py), eager torch reference and the Triton kernel
-through the interpreter (and, for token_logprobs, the csrc extension's CPU path); torch.compile is
+through the interpreter (and, for token_logprobs and policy_loss, the csrc extension's CPU path); torch.compile is
 left out here only because compiling costs more than the whole smoke run. Checks the document's keys and that every number is finite.
 """
 
@@ -19,7 +19,7 @@ SCRIPTS = {
     "bench_token_logprobs.py": ("token_logprobs", "torch_reference,triton,cuda", "gbps", {"fwd", "fwd_bwd"}),
     "bench_fused_linear.py": ("fused_linear_token_logprobs", "torch_reference,triton", "tflops", {"fwd", "fwd_bwd"}),
     "bench_contrast.py": ("gold_decoy_contrast", "torch_reference,triton", "gbps", {"fwd"}),
-    "bench_policy_loss.py": ("policy_loss", "torch_reference,triton", "gbps", {"fwd_bwd"}),
+    "bench_policy_loss.py": ("policy_loss", "torch_reference,triton,cuda", "gbps", {"fwd_bwd"}),
 }
 
 
