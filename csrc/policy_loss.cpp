@@ -18,15 +18,12 @@
 #include <cmath>
 #include <tuple>
 
+#include "policy_loss_token.h"
+
 namespace {
 
 constexpr int kRowStats = 7;
-
-struct RowPassArgs {
-  float ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, w0, w1;
-  int kl_estimator;
-  bool ramp, gspo, has_dual, has_ref, has_ent, kl_in_loss, ent_in_loss, store_coef_ent;
-};
+using RowPassArgs = PolicyLossArgs;
 
 void check(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& adv, const at::Tensor& mask,
            const at::Tensor& lengths) {
@@ -68,35 +65,18 @@ void cpu_rows(const float* logp, const float* old, const float* adv, const uint8
         if (a.store_coef_ent) coef_ent[i] = 0.f;
         continue;
       }
-      const float A = adv[i];
-      const float ratio = std::exp(a.gspo ? seq_log_ratio : logp[i] - old[i]);
-      const float clipped = std::min(std::max(ratio, a.ratio_low), a.ratio_high);
-      const float pg_free = -ratio * A, pg_clip = -clipped * A;
-      float loss = std::max(pg_free, pg_clip);
-      float dloss = pg_free >= pg_clip ? pg_free : 0.f;  // -r A on the unclipped branch (ties too)
-      if (a.has_dual && A < 0.f && loss > -a.dual_clip * A) loss = -a.dual_clip * A, dloss = 0.f;
-      if (a.has_ref) {
-        const float x = logp[i] - ref[i];  // log pi / ref
-        float kl, dkl;
-        if (a.kl_estimator == 1) kl = x, dkl = 1.f;
-        else if (a.kl_estimator == 2) kl = 0.5f * x * x, dkl = x;
-        else kl = std::exp(-x) + x - 1.f, dkl = 1.f - std::exp(-x);
-        acc[5] += kl;
-        if (a.kl_in_loss) loss += a.kl_coef * kl, dloss += a.kl_coef * dkl;
-      }
-      if (a.has_ent) {
-        acc[6] += ent[i];
-        if (a.ent_in_loss) loss -= a.entropy_coef * ent[i];
-      }
-      const float tf = static_cast<float>(t);
-      const float w = a.ramp ? (tf < length ? (a.w0 + (a.w1 - a.w0) * tf / ramp_denom) * inv_ramp_mean : 0.f) : 1.f;
-      acc[0] += loss * w;
-      coef[i] = dloss * w;
+      const TokenTerms x = token_terms(logp[i], old[i], adv[i], a.has_ref ? ref[i] : 0.f, a.has_ent ? ent[i] : 0.f,
+                                       seq_log_ratio, a);
+      const float w = token_weight(static_cast<float>(t), length, ramp_denom, inv_ramp_mean, a);
+      acc[0] += x.loss * w;
+      acc[5] += x.kl;
+      if (a.has_ent) acc[6] += ent[i];
+      coef[i] = x.dloss * w;
       if (a.store_coef_ent) coef_ent[i] = -a.entropy_coef * w;
       acc[1] += 1;
-      acc[2] += (ratio < a.ratio_low && A < 0.f);
-      acc[3] += (ratio > a.ratio_high && A > 0.f);
-      acc[4] += ratio;
+      acc[2] += (x.ratio < a.ratio_low && adv[i] < 0.f);
+      acc[3] += (x.ratio > a.ratio_high && adv[i] > 0.f);
+      acc[4] += x.ratio;
     }
     for (int k = 0; k < kRowStats; ++k) rows[b * kRowStats + k] = static_cast<float>(acc[k]);
   }

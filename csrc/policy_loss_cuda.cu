@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "policy_loss_token.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -30,11 +32,7 @@ __device__ void block_sum(float (&v)[K]) {  // every thread ends with the block'
   __syncthreads();  // partial may be reused by the next call
 }
 
-struct Args {
-  float ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, w0, w1;
-  int kl_estimator;
-  bool ramp, gspo, has_dual, has_ref, has_ent, kl_in_loss, ent_in_loss, store_coef_ent;
-};
+using Args = PolicyLossArgs;
 
 __global__ void row_pass_kernel(const float* __restrict__ logp, const float* __restrict__ old,
                                 const float* __restrict__ adv, const uint8_t* __restrict__ mask,
@@ -65,35 +63,18 @@ __global__ void row_pass_kernel(const float* __restrict__ logp, const float* __r
       if (a.store_coef_ent) coef_ent[i] = 0.f;
       continue;
     }
-    const float A = adv[i];
-    const float ratio = __expf(a.gspo ? seq_log_ratio : logp[i] - old[i]);
-    const float clipped = fminf(fmaxf(ratio, a.ratio_low), a.ratio_high);
-    const float pg_free = -ratio * A, pg_clip = -clipped * A;
-    float loss = fmaxf(pg_free, pg_clip);
-    float dloss = pg_free >= pg_clip ? pg_free : 0.f;
-    if (a.has_dual && A < 0.f && loss > -a.dual_clip * A) loss = -a.dual_clip * A, dloss = 0.f;
-    if (a.has_ref) {
-      const float x = logp[i] - ref[i];
-      float kl, dkl;
-      if (a.kl_estimator == 1) kl = x, dkl = 1.f;
-      else if (a.kl_estimator == 2) kl = 0.5f * x * x, dkl = x;
-      else kl = __expf(-x) + x - 1.f, dkl = 1.f - __expf(-x);
-      acc[5] += kl;
-      if (a.kl_in_loss) loss += a.kl_coef * kl, dloss += a.kl_coef * dkl;
-    }
-    if (a.has_ent) {
-      acc[6] += ent[i];
-      if (a.ent_in_loss) loss -= a.entropy_coef * ent[i];
-    }
-    const float tf = static_cast<float>(t);
-    const float w = a.ramp ? (tf < length ? (a.w0 + (a.w1 - a.w0) * tf / ramp_denom) * inv_ramp_mean : 0.f) : 1.f;
-    acc[0] += loss * w;
-    coef[i] = dloss * w;
+    const TokenTerms x = token_terms(logp[i], old[i], adv[i], a.has_ref ? ref[i] : 0.f, a.has_ent ? ent[i] : 0.f,
+                                     seq_log_ratio, a);
+    const float w = token_weight(static_cast<float>(t), length, ramp_denom, inv_ramp_mean, a);
+    acc[0] += x.loss * w;
+    acc[5] += x.kl;
+    if (a.has_ent) acc[6] += ent[i];
+    coef[i] = x.dloss * w;
     if (a.store_coef_ent) coef_ent[i] = -a.entropy_coef * w;
     acc[1] += 1.f;
-    acc[2] += (ratio < a.ratio_low && A < 0.f) ? 1.f : 0.f;
-    acc[3] += (ratio > a.ratio_high && A > 0.f) ? 1.f : 0.f;
-    acc[4] += ratio;
+    acc[2] += (x.ratio < a.ratio_low && adv[i] < 0.f) ? 1.f : 0.f;
+    acc[3] += (x.ratio > a.ratio_high && adv[i] > 0.f) ? 1.f : 0.f;
+    acc[4] += x.ratio;
   }
   block_sum<kRowStats>(acc);
   if (threadIdx.x == 0) {

@@ -32,7 +32,9 @@ def test_wheel_layout(wheel_names):
     assert tops == {"selfdistill"}, f"only the selfdistill package may be top level, got {sorted(tops)}"
     for need in ("selfdistill/kernels/__init__.py", "selfdistill/kernels/token_logprobs.py", "selfdistill/conf/config.yaml",
                  "selfdistill/conf/experiment/demo.yaml", "selfdistill/conf/experiment/pmi.yaml",
-                 "selfdistill/csrc/token_logprobs.cpp", "selfdistill/csrc/token_logprobs_cuda.cu"):
+                 "selfdistill/csrc/token_logprobs.cpp", "selfdistill/csrc/token_logprobs_cuda.cu",
+                 "selfdistill/csrc/policy_loss.cpp", "selfdistill/csrc/policy_loss_cuda.cu", "selfdistill/csrc/policy_loss_token.h",
+                 "selfdistill/csrc/bindings.cpp"):
         assert need in names, need
     assert not any(n.startswith("tests/") for n in names)
 

@@ -15,6 +15,7 @@ done by chunks of rows with the LM head in the input dtype, then the fused kerne
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 
 import torch
@@ -50,8 +51,14 @@ def extension():
     from torch.utils.cpp_extension import load
 
     with_cuda = torch.cuda.is_available()
+    # torch rebuilds when a listed source changes, not a header: name the build by every file's content
+    digest = hashlib.sha1()
+    for name in sorted(os.listdir(_csrc_dir())):
+        if name.endswith((".cpp", ".cu", ".h")):
+            with open(os.path.join(_csrc_dir(), name), "rb") as f:
+                digest.update(name.encode() + f.read())
     return load(
-        name="selfdistill_csrc" + ("_cuda" if with_cuda else "_cpu"),
+        name=f"selfdistill_csrc_{'cuda' if with_cuda else 'cpu'}_{digest.hexdigest()[:10]}",
         sources=sources(with_cuda),
         extra_cflags=["-O3"] + (["-DWITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None,
