@@ -23,7 +23,6 @@
 namespace {
 
 constexpr int kRowStats = 7;
-using RowPassArgs = PolicyLossArgs;
 
 void check(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& adv, const at::Tensor& mask,
            const at::Tensor& lengths) {
@@ -40,7 +39,7 @@ void check(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor&
 
 void cpu_rows(const float* logp, const float* old, const float* adv, const uint8_t* mask, const int64_t* lengths,
               const float* ref, const float* ent, float* coef, float* coef_ent, float* rows, int64_t begin, int64_t end,
-              int64_t T, const RowPassArgs& a) {
+              int64_t T, const PolicyLossArgs& a) {
   for (int64_t b = begin; b < end; ++b) {
     const int64_t o = b * T;
     const float length = static_cast<float>(lengths[b]);
@@ -59,24 +58,8 @@ void cpu_rows(const float* logp, const float* old, const float* adv, const uint8
     const float seq_log_ratio = static_cast<float>(sum_log_ratio / std::max(n_mask, 1.0));
     double acc[kRowStats] = {0, 0, 0, 0, 0, 0, 0};
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t i = o + t;
-      if (!mask[i]) {
-        coef[i] = 0.f;
-        if (a.store_coef_ent) coef_ent[i] = 0.f;
-        continue;
-      }
-      const TokenTerms x = token_terms(logp[i], old[i], adv[i], a.has_ref ? ref[i] : 0.f, a.has_ent ? ent[i] : 0.f,
-                                       seq_log_ratio, a);
-      const float w = token_weight(static_cast<float>(t), length, ramp_denom, inv_ramp_mean, a);
-      acc[0] += x.loss * w;
-      acc[5] += x.kl;
-      if (a.has_ent) acc[6] += ent[i];
-      coef[i] = x.dloss * w;
-      if (a.store_coef_ent) coef_ent[i] = -a.entropy_coef * w;
-      acc[1] += 1;
-      acc[2] += (x.ratio < a.ratio_low && adv[i] < 0.f);
-      acc[3] += (x.ratio > a.ratio_high && adv[i] > 0.f);
-      acc[4] += x.ratio;
+      loss_pass_token(acc, o + t, t, mask, logp, old, adv, ref, ent, coef, coef_ent, seq_log_ratio, length, ramp_denom,
+                      inv_ramp_mean, a);
     }
     for (int k = 0; k < kRowStats; ++k) rows[b * kRowStats + k] = static_cast<float>(acc[k]);
   }
@@ -87,15 +70,6 @@ void cpu_rows(const float* logp, const float* old, const float* adv, const uint8
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-
-cudaError_t policy_loss_row_pass_launch(const float* logp, const float* old, const float* adv, const uint8_t* mask,
-                                        const int64_t* lengths, const float* ref, const float* ent, float* coef,
-                                        float* coef_ent, float* rows, int64_t B, int64_t T, float ratio_low,
-                                        float ratio_high, float dual_clip, float kl_coef, float entropy_coef, float w0,
-                                        float w1, int kl_estimator, bool ramp, bool gspo, bool has_dual, bool has_ref,
-                                        bool has_ent, bool kl_in_loss, bool ent_in_loss, bool store_coef_ent,
-                                        cudaStream_t stream);
 #endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_row_pass(
@@ -106,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_row_pass(
   check(logp, old_logp, advantages, mask, lengths);
   TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "policy_loss_row_pass: kl_estimator must be 1, 2 or 3 (k1, k2, k3)");
   const int64_t B = logp.size(0), T = logp.size(1);
-  RowPassArgs a{static_cast<float>(ratio_low), static_cast<float>(ratio_high), static_cast<float>(dual_clip),
+  PolicyLossArgs a{static_cast<float>(ratio_low), static_cast<float>(ratio_high), static_cast<float>(dual_clip),
                 static_cast<float>(kl_coef), static_cast<float>(entropy_coef), static_cast<float>(w0),
                 static_cast<float>(w1), static_cast<int>(kl_estimator), ramp, gspo, has_dual,
                 ref_logp.numel() == logp.numel() && logp.numel() > 0, entropy.numel() == logp.numel() && logp.numel() > 0,
@@ -128,9 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_row_pass(
     const c10::cuda::CUDAGuard guard(logp.device());
     const cudaError_t err = policy_loss_row_pass_launch(
         lp.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(), m.data_ptr<uint8_t>(), len.data_ptr<int64_t>(),
-        ref.data_ptr<float>(), ent.data_ptr<float>(), coef.data_ptr<float>(), coef_ent_ptr, rows.data_ptr<float>(), B, T,
-        a.ratio_low, a.ratio_high, a.dual_clip, a.kl_coef, a.entropy_coef, a.w0, a.w1, a.kl_estimator, a.ramp, a.gspo,
-        a.has_dual, a.has_ref, a.has_ent, a.kl_in_loss, a.ent_in_loss, a.store_coef_ent, c10::cuda::getCurrentCUDAStream());
+        ref.data_ptr<float>(), ent.data_ptr<float>(), coef.data_ptr<float>(), coef_ent_ptr, rows.data_ptr<float>(), B, T, a,
+        c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "policy_loss_row_pass (cuda): ", cudaGetErrorString(err));
     return {coef, coef_ent, rows};
   }

@@ -32,13 +32,12 @@ __device__ void block_sum(float (&v)[K]) {  // every thread ends with the block'
   __syncthreads();  // partial may be reused by the next call
 }
 
-using Args = PolicyLossArgs;
 
 __global__ void row_pass_kernel(const float* __restrict__ logp, const float* __restrict__ old,
                                 const float* __restrict__ adv, const uint8_t* __restrict__ mask,
                                 const int64_t* __restrict__ lengths, const float* __restrict__ ref,
                                 const float* __restrict__ ent, float* coef, float* coef_ent, float* rows, int64_t T,
-                                Args a) {
+                                PolicyLossArgs a) {
   const int64_t b = blockIdx.x, o = b * T;
   const float length = static_cast<float>(lengths[b]);
   const float ramp_denom = fmaxf(length - 1.f, 1.f);
@@ -57,24 +56,8 @@ __global__ void row_pass_kernel(const float* __restrict__ logp, const float* __r
   const float seq_log_ratio = pre[2] / fmaxf(pre[3], 1.f);
   float acc[kRowStats] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-    const int64_t i = o + t;
-    if (!mask[i]) {
-      coef[i] = 0.f;
-      if (a.store_coef_ent) coef_ent[i] = 0.f;
-      continue;
-    }
-    const TokenTerms x = token_terms(logp[i], old[i], adv[i], a.has_ref ? ref[i] : 0.f, a.has_ent ? ent[i] : 0.f,
-                                     seq_log_ratio, a);
-    const float w = token_weight(static_cast<float>(t), length, ramp_denom, inv_ramp_mean, a);
-    acc[0] += x.loss * w;
-    acc[5] += x.kl;
-    if (a.has_ent) acc[6] += ent[i];
-    coef[i] = x.dloss * w;
-    if (a.store_coef_ent) coef_ent[i] = -a.entropy_coef * w;
-    acc[1] += 1.f;
-    acc[2] += (x.ratio < a.ratio_low && adv[i] < 0.f) ? 1.f : 0.f;
-    acc[3] += (x.ratio > a.ratio_high && adv[i] > 0.f) ? 1.f : 0.f;
-    acc[4] += x.ratio;
+    loss_pass_token(acc, o + t, t, mask, logp, old, adv, ref, ent, coef, coef_ent, seq_log_ratio, length, ramp_denom,
+                    inv_ramp_mean, a);
   }
   block_sum<kRowStats>(acc);
   if (threadIdx.x == 0) {
@@ -87,14 +70,9 @@ __global__ void row_pass_kernel(const float* __restrict__ logp, const float* __r
 
 cudaError_t policy_loss_row_pass_launch(const float* logp, const float* old, const float* adv, const uint8_t* mask,
                                         const int64_t* lengths, const float* ref, const float* ent, float* coef,
-                                        float* coef_ent, float* rows, int64_t B, int64_t T, float ratio_low,
-                                        float ratio_high, float dual_clip, float kl_coef, float entropy_coef, float w0,
-                                        float w1, int kl_estimator, bool ramp, bool gspo, bool has_dual, bool has_ref,
-                                        bool has_ent, bool kl_in_loss, bool ent_in_loss, bool store_coef_ent,
+                                        float* coef_ent, float* rows, int64_t B, int64_t T, const PolicyLossArgs& a,
                                         cudaStream_t stream) {
   if (B == 0 || T == 0) return cudaSuccess;
-  const Args a{ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, w0, w1, kl_estimator, ramp, gspo,
-               has_dual, has_ref, has_ent, kl_in_loss, ent_in_loss, store_coef_ent};
   row_pass_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(logp, old, adv, mask, lengths, ref, ent, coef,
                                                                      coef_ent, rows, T, a);
   return cudaGetLastError();

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #ifdef __CUDACC__
 #define SD_HOST_DEVICE __host__ __device__
@@ -49,3 +50,39 @@ SD_HOST_DEVICE inline float token_weight(float t, float length, float ramp_denom
   if (!a.ramp) return 1.f;
   return t < length ? (a.w0 + (a.w1 - a.w0) * t / ramp_denom) * inv_ramp_mean : 0.f;
 }
+
+// One token of a row's loss pass: writes coef[i] (and coef_ent[i]) and adds to the row sums acc[7]
+// (w l, tokens, clipped low, clipped high, ratio, kl, entropy). Masked-out tokens get coefficient 0.
+template <typename Acc>
+SD_HOST_DEVICE inline void loss_pass_token(Acc* acc, int64_t i, int64_t t, const uint8_t* mask, const float* logp,
+                                           const float* old, const float* adv, const float* ref, const float* ent,
+                                           float* coef, float* coef_ent, float seq_log_ratio, float length,
+                                           float ramp_denom, float inv_ramp_mean, const PolicyLossArgs& a) {
+  if (!mask[i]) {
+    coef[i] = 0.f;
+    if (a.store_coef_ent) coef_ent[i] = 0.f;
+    return;
+  }
+  const TokenTerms x = token_terms(logp[i], old[i], adv[i], a.has_ref ? ref[i] : 0.f, a.has_ent ? ent[i] : 0.f,
+                                   seq_log_ratio, a);
+  const float w = token_weight(static_cast<float>(t), length, ramp_denom, inv_ramp_mean, a);
+  coef[i] = x.dloss * w;
+  if (a.store_coef_ent) coef_ent[i] = -a.entropy_coef * w;
+  acc[0] += x.loss * w;
+  acc[1] += 1.f;
+  acc[2] += (x.ratio < a.ratio_low && adv[i] < 0.f) ? 1.f : 0.f;
+  acc[3] += (x.ratio > a.ratio_high && adv[i] > 0.f) ? 1.f : 0.f;
+  acc[4] += x.ratio;
+  acc[5] += x.kl;
+  if (a.has_ent) acc[6] += ent[i];
+}
+
+#if defined(__CUDACC__) || defined(WITH_CUDA)
+#include <cuda_runtime.h>
+
+// policy_loss_cuda.cu: one block per row over [B, T] fp32 inputs (mask uint8, lengths int64).
+cudaError_t policy_loss_row_pass_launch(const float* logp, const float* old, const float* adv, const uint8_t* mask,
+                                        const int64_t* lengths, const float* ref, const float* ent, float* coef,
+                                        float* coef_ent, float* rows, int64_t B, int64_t T, const PolicyLossArgs& a,
+                                        cudaStream_t stream);
+#endif
