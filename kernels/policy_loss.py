@@ -25,7 +25,7 @@ from torch import Tensor
 
 from selfdistill.kernels.utils import as_kernel_mask, check_launchable, tile_sum
 from selfdistill.ops.reference import RAMP_W0, RAMP_W1
-from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, N_ROW_STATS, check_policy_loss_inputs, fused_policy_loss
+from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, N_ROW_STATS, fused_policy_loss
 
 
 @triton.jit
@@ -146,6 +146,7 @@ def row_pass(
     kl_coef, kl_estimator, entropy_coef, token_weighting, max_len_norm, need_entropy_grad,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """The Triton row pass of `selfdistill.ops.row_pass_loss`: (coef [B, T], coef_entropy or None, rows [B, 7])."""
+    check_launchable("policy_loss", *(t for t in (logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy) if t is not None))
     B, T = logp.shape
     device = logp.device
     ent_in_loss = entropy is not None and entropy_coef != 0
@@ -190,9 +191,6 @@ def policy_loss(
 
     Gradients flow to `logp` and `entropy` only (old_logp, ref_logp, advantages are constants).
     """
-    check_policy_loss_inputs(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, loss_type, kl_estimator,
-                             token_weighting, max_len_norm)
-    check_launchable("policy_loss", *(t for t in (logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy) if t is not None))
     return fused_policy_loss(
         row_pass, logp, old_logp, advantages, loss_mask, lengths, ref_logp=ref_logp, entropy=entropy, loss_type=loss_type,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,

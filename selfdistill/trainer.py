@@ -252,20 +252,22 @@ class Trainer:
                 if cfg.algo.kl_coef > 0:
                     with self._reference().gathered() as ref:
                         ref_logp = grpo.reference_logprobs(ref, sub, pad, cfg.rollout.temperature)
-                filler = grpo.select_rows(batch, adv.tokens, torch.arange(len(batch)) == 0)[0]
+                filler = None if len(sub) else grpo.select_rows(batch, adv.tokens, torch.arange(len(batch)) == 0)[0]
                 applied, upd = grpo.policy_update(self.engine, sub, token_adv, pad, cfg, self.state.meta_steps, ref_logp, filler)
             self.state.meta_steps += applied
             times["update"] = time.perf_counter() - t
-            ntok = int(self.engine.reduce_sum({"ntok": int(batch.completion_mask.sum())})["ntok"])  # global batch
+            record = self._grpo_record(batch, grades, heads, upd, adv.metrics, reward_metrics)
+            # Counts add up over the ranks (one reduction for all of them); everything else is the
+            # mean of the ranks' values.
+            counts = self.engine.reduce_sum({"ntok": int(batch.completion_mask.sum()), **self.grader.metrics(),
+                                             **{k: record.pop(k) for k in SUMMED_METRICS if k in record}})
+            ntok = int(counts.pop("ntok"))  # the global batch's completion tokens
             self.state.num_tokens += ntok
             dt = time.perf_counter() - t0
-            record = self._grpo_record(batch, grades, heads, upd, adv.metrics, reward_metrics)
-            # Counts add up over the ranks; everything else is the mean of the ranks' values.
-            counts = self.engine.reduce_sum({k: record.pop(k) for k in SUMMED_METRICS if k in record})
             record = {**self.engine.reduce_mean(record), **counts}
             record.update({"perf/step_s": dt, "perf/tokens_per_s": ntok / dt, "num_tokens": self.state.num_tokens,
                            "lr": self.engine.scheduler.get_last_lr()[0], "train/skipped_steps": self.engine.skipped_steps,
-                           **self.engine.reduce_sum(self.grader.metrics()), **{f"perf/{k}_s": v for k, v in times.items()}})
+                           **{f"perf/{k}_s": v for k, v in times.items()}})
             self._after_step(record, bar, "grpo")
         bar.close()
 
@@ -307,7 +309,7 @@ class Trainer:
             print(f"[selfdistill] held-out accuracy after {after}: {res['heldout/accuracy']:.3f} (n={int(res['heldout/n'])})")
 
 
-SUMMED_METRICS = ("scorer/sequences", "scorer/tokens")  # per-step counts; grader/* are summed as they are logged
+SUMMED_METRICS = ("scorer/sequences", "scorer/tokens")  # per-step counts in the record (grader/* are summed too)
 
 
 @contextlib.contextmanager

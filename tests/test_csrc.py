@@ -121,6 +121,22 @@ def test_policy_loss_matches_the_reference(ext, loss_type, weighting, dual_clip,
         assert float((got[3][k] - want[3][k]).abs()) < 1e-6, k
 
 
+def test_policy_loss_hand_worked(ext):
+    """SPEC section 5 by hand. Row 0, on-policy (r = 1), A = (2, -1), grpo, uniform weights:
+    l = -r A = (-2, 1), loss = mean over the row's tokens = -0.5, d loss / d logp_t = -A_t / 2.
+    Row 1: r = e^0.5 > 1 + 0.28 with A = 1 > 0: clipped, l = -1.28, no gradient; the loss is the
+    mean of the rows' means (-0.5 - 1.28) / 2, and the high-clip fraction 1/3."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
+    adv = torch.tensor([[2.0, -1.0], [1.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    loss, stats = cuda_ext.policy_loss(logp, old, adv, mask, torch.tensor([2, 1]), entropy_coef=0.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((-0.5 - 1.28) / 2, abs=1e-6)
+    assert logp.grad.flatten().tolist() == pytest.approx([-0.5, 0.25, 0.0, 0.0], abs=1e-7)  # (-A_t / 2) / 2 rows
+    assert stats["clip_ratio/high_mean"].item() == pytest.approx(1 / 3)
+
+
 def test_policy_loss_empty_batch_and_dispatch(ext):
     z = torch.zeros(0, 5)
     loss, _ = cuda_ext.policy_loss(z, z, z, z.bool(), torch.zeros(0, dtype=torch.long))

@@ -100,12 +100,14 @@ def policy_update(engine, batch: RolloutBatch, token_adv: Tensor, pad_id: int, c
     is the one a single process would compute on the global minibatch: a rank's loss is weighted by
     its share of the global denominator (rows, or tokens for dapo), so ranks holding different
     numbers of rows (zero-std filtering) still average to the global mean. A rank with no rows in a
-    minibatch runs a zero-weight pass on `filler` (one row) so it still joins the collectives.
+    minibatch runs a zero-weight pass on one row (of `filler` when it has none of its own) so it still
+    joins the collectives.
     """
     a, model, temp = cfg.algo, engine.model, cfg.rollout.temperature
     device = engine.device
     R = len(batch)
-    if R == 0 and filler is None:
+    filler = batch if R else filler  # a rank with rows pads its own empty minibatches
+    if filler is None:
         raise ValueError("policy_update: this rank has no rows; pass `filler` (one row) so it can join the step")
     old_logp = None
     if R and (a.ppo_epochs > 1 or a.num_minibatches > 1):
@@ -155,4 +157,4 @@ def _zero_weight_pass(engine, filler: RolloutBatch, pad_id: int, temp: float) ->
     """Forward and backward one row with weight 0: gradients of zero, but the rank takes part in the
     sharded forward (FSDP2 / ZeRO-3 gathers) and the gradient reduction like its peers."""
     logp, _ = completion_logprobs(engine.model, filler.prompt_ids[:1], filler.completion_ids[:1], filler.completion_mask[:1], pad_id, temp)
-    engine.backward(torch.where(filler.completion_mask[:1].to(logp.device), logp, 0.0).sum() * 0.0)
+    engine.backward(logp.sum() * 0.0)  # logp is 0 off the completion mask

@@ -27,18 +27,16 @@ class ReplicatedReference:
     def gathered(self):
         yield self.model
 
-    def local_numel(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
 
 class ShardedReference:
     """Each rank keeps a 1/world_size slice of every parameter; `gathered()` rebuilds the model."""
 
     def __init__(self, model, rank: int, world_size: int):
-        self.model, self.rank, self.world_size = model, rank, world_size
+        # Tied weights (embedding = LM head) are one parameter: named_parameters lists it once.
+        self.model, self.world_size = model, world_size
         self._shards: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, torch.Size] = {}
-        for name, p in self._params():
+        for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             per = -(-flat.numel() // world_size)  # ceil: the last rank's slice is zero-padded
             padded = torch.zeros(per * world_size, dtype=flat.dtype, device=flat.device)
@@ -47,15 +45,11 @@ class ShardedReference:
             self._shapes[name] = p.shape
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # the full tensor is released
 
-    def _params(self):
-        # Tied weights (embedding = LM head) are one parameter: named_parameters lists it once.
-        return self.model.named_parameters()
-
     @contextlib.contextmanager
     def gathered(self):
         """Every rank must enter together: one all-gather per parameter, then the plain model."""
         try:
-            for name, p in self._params():
+            for name, p in self.model.named_parameters():
                 shard = self._shards[name]
                 parts = [torch.empty_like(shard) for _ in range(self.world_size)]
                 dist.all_gather(parts, shard)
@@ -63,7 +57,7 @@ class ShardedReference:
                 p.data = torch.cat(parts)[:numel].view(self._shapes[name])
             yield self.model
         finally:
-            for _, p in self._params():
+            for p in self.model.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def local_numel(self) -> int:

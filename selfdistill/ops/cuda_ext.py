@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from selfdistill.ops.reference import RAMP_W0, RAMP_W1
+from selfdistill.ops.reference import RAMP_W0, RAMP_W1, projected_by_chunks
 from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, fused_policy_loss
 
 
@@ -96,14 +96,7 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
                                 chunk_rows: int = 1024) -> tuple[Tensor, Tensor]:
     """`token_logprobs(hidden @ weight.T, targets)` by chunks of rows: [chunk_rows, V] logits in the
     input dtype exist one chunk at a time (autograd keeps each chunk's logits for the backward)."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_token_logprobs expects hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    parts = [token_logprobs(hidden[s:s + chunk_rows] @ weight.t(), targets[s:s + chunk_rows], temperature)
-             for s in range(0, hidden.shape[0], chunk_rows)]
-    if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return projected_by_chunks(token_logprobs, hidden, weight, targets, temperature, chunk_rows)
 
 
 def _row_pass(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, *, loss_type, clip_low, clip_high,

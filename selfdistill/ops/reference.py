@@ -46,18 +46,22 @@ def fused_linear_token_logprobs(
     reference holds O(N V) fp32 when it trains; the Triton variant keeps 4 floats per row and
     recomputes each [chunk_rows, V] tile (input dtype) in its backward.
     """
+    return projected_by_chunks(token_logprobs, hidden, weight, targets, temperature, chunk_rows)
+
+
+def projected_by_chunks(token_logprobs_fn, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+                        chunk_rows: int) -> tuple[Tensor, Tensor]:
+    """`token_logprobs_fn(hidden @ weight.T, targets, temperature)` over chunks of `chunk_rows` rows,
+    concatenated: the [chunk_rows, V] logits exist one chunk at a time (the torch reference and the
+    csrc backend share it)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_token_logprobs expects hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    logps, ents = [], []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        logits = hidden[start:start + chunk_rows] @ weight.t()
-        lp, ent = token_logprobs(logits, targets[start:start + chunk_rows], temperature, chunk_rows)
-        logps.append(lp)
-        ents.append(ent)
-    if not logps:
+    parts = [token_logprobs_fn(hidden[s:s + chunk_rows] @ weight.t(), targets[s:s + chunk_rows], temperature)
+             for s in range(0, hidden.shape[0], chunk_rows)]
+    if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
-    return torch.cat(logps), torch.cat(ents)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def progressive_token_weights(lengths: Tensor, loss_mask: Tensor, mode: str = "ramp") -> Tensor:
