@@ -4,7 +4,8 @@ Batch: R rows x K answer positions; `first` of them are a row's first divergent 
 logit row, no vocabulary pass) and `later` need both passes. Providers: `torch_two_pass` (fp32
 log_softmax of every gold and decoy row at every divergent position, no first-position shortcut),
 `torch_reference` (selfdistill.ops.reference), `torch_compile` (torch.compile of the two-pass
-code), `triton` (selfdistill.kernels). Throughput: bytes the op must read, 2 V per later position.
+code), `triton` (selfdistill.kernels), `cuda` (the csrc extension, `ops.backend=cuda`; built
+before timing). Throughput: bytes the op must read, 2 V per later position.
 
     python benchmarks/bench_contrast.py --json out.json
     python benchmarks/bench_contrast.py --device cpu --json out.json
@@ -22,7 +23,7 @@ PRESETS = {
     "small": [dict(R=64, K=8, V=32000, first_at=3, dtype="fp32")],
     "tiny": [dict(R=4, K=6, V=500, first_at=2, dtype="fp32")],
 }
-PROVIDERS = ["torch_two_pass", "torch_reference", "torch_compile", "triton"]
+PROVIDERS = ["torch_two_pass", "torch_reference", "torch_compile", "triton", "cuda"]
 
 
 def two_pass(gold_logits, decoy_logits, gold_ids, decoy_ids, divergent, temperature: float = 1.0):
@@ -43,6 +44,11 @@ def provider_fn(name: str):
         return compiled(two_pass)
     if name == "triton":
         return kernels().gold_decoy_contrast
+    if name == "cuda":
+        from selfdistill.ops import cuda_ext
+
+        cuda_ext.extension()  # build (or load) before timing
+        return cuda_ext.gold_decoy_contrast
     raise ValueError(name)
 
 

@@ -1,5 +1,5 @@
 // The Python module of the extension (selfdistill.ops.cuda_ext builds it): the ops of
-// token_logprobs.cpp and policy_loss.cpp.
+// token_logprobs.cpp, policy_loss.cpp and contrast.cpp.
 
 #include <torch/extension.h>
 
@@ -15,6 +15,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_row_pass(
     const at::Tensor& lengths, const at::Tensor& ref_logp, const at::Tensor& entropy, double ratio_low, double ratio_high,
     double dual_clip, double kl_coef, double entropy_coef, double w0, double w1, int64_t kl_estimator, bool ramp, bool gspo,
     bool has_dual, bool store_coef_entropy);
+std::tuple<at::Tensor, at::Tensor> gold_decoy_contrast_forward(const at::Tensor& gold_logits, const at::Tensor& decoy_logits,
+                                                               const at::Tensor& gold_ids, const at::Tensor& decoy_ids,
+                                                               const at::Tensor& kinds, double inv_temperature);
+std::tuple<at::Tensor, at::Tensor> gold_decoy_contrast_backward(const at::Tensor& gold_logits, const at::Tensor& decoy_logits,
+                                                                const at::Tensor& gold_ids, const at::Tensor& decoy_ids,
+                                                                const at::Tensor& kinds, const at::Tensor& stats,
+                                                                const at::Tensor& dcontrast, double inv_temperature);
+at::Tensor clipped_mean_min_forward(const at::Tensor& values, const at::Tensor& mask, double clip, double min_weight);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_forward", &token_logprobs_forward,
@@ -23,6 +31,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "d logits from the forward's stats and entropy and the upstream d logp, d entropy");
   m.def("policy_loss_row_pass", &policy_loss_row_pass,
         "(coef [B, T], coef_entropy [B, T] or empty, rows [B, 7]) of the fused policy loss (selfdistill.ops.row_pass_loss)");
+  m.def("gold_decoy_contrast_forward", &gold_decoy_contrast_forward,
+        "(contrast [R, K], stats [R, K, 4]) fp32 from gold / decoy logits [R, K, V] (decoy empty: none), ids and kinds");
+  m.def("gold_decoy_contrast_backward", &gold_decoy_contrast_backward,
+        "(d gold_logits, d decoy_logits or None) from the forward's stats and the upstream d contrast");
+  m.def("clipped_mean_min_forward", &clipped_mean_min_forward,
+        "per row of [R, K]: mean(clip(x)) + min_weight * min(clip(x)) over a uint8 mask; NaN for no member");
   m.attr("with_cuda") =
 #ifdef WITH_CUDA
       true;

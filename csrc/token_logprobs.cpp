@@ -15,8 +15,10 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <limits>
 #include <tuple>
+
+#include "online_lse.h"
+#include "tensor_dtype.h"
 
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -31,17 +33,6 @@ cudaError_t token_logprobs_backward_launch(const void* z, int dtype, const int64
                                            const float* ent, const float* dlogp, const float* dent, void* dz,
                                            int64_t N, int64_t V, int64_t stride, float inv_t, cudaStream_t stream);
 
-namespace {
-int cuda_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    default: TORCH_CHECK(false, "token_logprobs (cuda): logits must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return -1;
-}
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(const at::Tensor& logits,
                                                                           const at::Tensor& targets,
@@ -53,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(const
   auto opts = z.options().dtype(at::kFloat);
   auto logp = at::empty({N}, opts), ent = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
   const cudaError_t err = token_logprobs_forward_launch(
-      z.data_ptr(), cuda_dtype(z), y.data_ptr<int64_t>(), logp.data_ptr<float>(), ent.data_ptr<float>(),
+      z.data_ptr(), logits_dtype_code(z, "token_logprobs (cuda)"), y.data_ptr<int64_t>(), logp.data_ptr<float>(), ent.data_ptr<float>(),
       stats.data_ptr<float>(), N, V, z.stride(0), static_cast<float>(inv_temperature), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "token_logprobs (cuda) forward: ", cudaGetErrorString(err));
   return {logp, ent, stats};
@@ -70,7 +61,7 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& logits, const at::Tens
   const int64_t N = z.size(0), V = z.size(1);
   auto dz = at::empty({N, V}, z.options());
   const cudaError_t err = token_logprobs_backward_launch(
-      z.data_ptr(), cuda_dtype(z), y.data_ptr<int64_t>(), st.data_ptr<float>(), h.data_ptr<float>(),
+      z.data_ptr(), logits_dtype_code(z, "token_logprobs (cuda)"), y.data_ptr<int64_t>(), st.data_ptr<float>(), h.data_ptr<float>(),
       gl.data_ptr<float>(), ge.data_ptr<float>(), dz.data_ptr(), N, V, z.stride(0), static_cast<float>(inv_temperature),
       c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "token_logprobs (cuda) backward: ", cudaGetErrorString(err));
@@ -91,38 +82,15 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
 template <typename scalar_t>
 void forward_rows(const scalar_t* z, const int64_t* y, float* logp, float* ent, float* stats, int64_t begin,
                   int64_t end, int64_t V, int64_t stride, float inv_t) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* row = z + r * stride;
-    // mz: the raw max logit (m = mz / T). d and a accumulate in double: a sequential fp32 sum over
-    // the vocabulary would lose ~sqrt(V) ulps (torch sums pairwise; the CUDA path merges a tree).
-    float mz = kNegInf;
-    double d = 0.0, a = 0.0;
-    for (int64_t v = 0; v < V; ++v) {
-      const float zv = static_cast<float>(row[v]);
-      if (zv == kNegInf) continue;  // a banned token: p = 0, contributes nothing
-      if (d == 0.0) {
-        mz = zv, d = 1.0, a = 0.0;
-      } else if (zv > mz) {  // rescale to the new max: sum e^(s'-s)(s'-s) = e^(m-s) (a + d (m - s))
-        const double shift = static_cast<double>((mz - zv) * inv_t);
-        const double scale = std::exp(shift);
-        a = scale * (a + d * shift);
-        d = d * scale + 1.0;
-        mz = zv;
-      } else {
-        const double sm = static_cast<double>((zv - mz) * inv_t);  // s - m, scaled after the subtraction
-        const double e = std::exp(sm);
-        d += e;
-        a += e * sm;
-      }
-    }
+    const RowLse lse = row_lse(row, V, inv_t);
     const int64_t t = y[r];
     TORCH_CHECK(t >= 0 && t < V, "token_logprobs: target ", t, " of row ", r, " is outside the vocabulary [0, ", V, ")");
-    const float logd = static_cast<float>(std::log(d));
-    logp[r] = (static_cast<float>(row[t]) - mz) * inv_t - logd;
-    ent[r] = static_cast<float>(std::log(d) - a / d);
-    stats[2 * r] = mz;
-    stats[2 * r + 1] = logd;
+    logp[r] = lse.logp(static_cast<float>(row[t]), inv_t);
+    ent[r] = lse.entropy();
+    stats[2 * r] = lse.mz;
+    stats[2 * r + 1] = lse.log_d();
   }
 }
 

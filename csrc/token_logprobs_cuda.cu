@@ -5,74 +5,31 @@
 // Backward: a 2-D grid of rows x vocabulary tiles, elementwise from the saved row stats
 // (max z, log d) and the entropy.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
+
+#include "online_lse_cuda.cuh"
 
 namespace {
 
-constexpr int kThreads = 256;
+using online_lse::from_float;
+using online_lse::kThreads;
+using online_lse::to_float;
+
 constexpr int kBackwardTile = 2048;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-
-struct Lse {
-  float mz, d, a;  // raw max logit, sum e^(s-m), sum e^(s-m) (s-m); s = z / T, m = mz / T
-};
-
-__device__ __forceinline__ Lse merge(Lse x, Lse y, float inv_t) {
-  if (x.d == 0.f) return y;
-  if (y.d == 0.f) return x;
-  const float mz = fmaxf(x.mz, y.mz);
-  const float hx = (x.mz - mz) * inv_t, hy = (y.mz - mz) * inv_t;  // <= 0: shifts to the joint max
-  const float sx = __expf(hx), sy = __expf(hy);
-  return {mz, x.d * sx + y.d * sy, sx * (x.a + x.d * hx) + sy * (y.a + y.d * hy)};
-}
-
-__device__ __forceinline__ Lse warp_merge(Lse v, float inv_t) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    Lse o{__shfl_down_sync(0xffffffff, v.mz, offset), __shfl_down_sync(0xffffffff, v.d, offset),
-          __shfl_down_sync(0xffffffff, v.a, offset)};
-    v = merge(v, o, inv_t);
-  }
-  return v;
-}
 
 template <typename scalar_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ y, float* logp, float* ent,
                                float* stats, int64_t V, int64_t stride, float inv_t) {
   const int64_t row = blockIdx.x;
   const scalar_t* zr = z + row * stride;
-  Lse acc{-INFINITY, 0.f, 0.f};
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    const float zv = to_float(zr[v]);
-    if (zv == -INFINITY) continue;  // a banned token
-    acc = merge(acc, Lse{zv, 1.f, 0.f}, inv_t);
-  }
-  __shared__ Lse warps[kThreads / 32];
-  acc = warp_merge(acc, inv_t);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warps[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    acc = lane < blockDim.x / 32 ? warps[lane] : Lse{-INFINITY, 0.f, 0.f};
-    acc = warp_merge(acc, inv_t);
-    if (lane == 0) {
-      const float logd = logf(acc.d);
-      const int64_t t = y[row];  // out of range: NaN (the CPU path raises; a device-side raise would abort)
-      logp[row] = (t >= 0 && t < V) ? (to_float(zr[t]) - acc.mz) * inv_t - logd : NAN;
-      ent[row] = logd - acc.a / acc.d;
-      stats[2 * row] = acc.mz;
-      stats[2 * row + 1] = logd;
-    }
+  const online_lse::Lse acc = online_lse::block_row_lse(zr, V, inv_t);
+  if (threadIdx.x == 0) {
+    const float logd = logf(acc.d);
+    const int64_t t = y[row];  // out of range: NaN (the CPU path raises; a device-side raise would abort)
+    logp[row] = (t >= 0 && t < V) ? (to_float(zr[t]) - acc.mz) * inv_t - logd : NAN;
+    ent[row] = logd - acc.a / acc.d;
+    stats[2 * row] = acc.mz;
+    stats[2 * row + 1] = logd;
   }
 }
 

@@ -14,7 +14,8 @@ of `_gold_decoy_contrast_fwd_kernel`, by kind:
 
 Belief B = sum over divergent positions (NaN when a row has none, or a non-finite contrast).
 `clipped_mean_min` is the other reduction the rewards need (gm's difference-in-differences, PMI's
-`mean_min` aggregation), one program per row over K positions.
+`mean_min` aggregation), one program per row over K positions. Input checks, autograd and the
+belief are `selfdistill.ops.contrast_host`, shared with the csrc extension.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from selfdistill.kernels.utils import (
-    as_kernel_mask, check_launchable, check_temperature, num_warps_for, tile_max, tile_min, tile_sum, unit_column_stride, vocab_block,
-)
-from selfdistill.ops.reference import MIN_WEIGHT, REWARD_CLIP, contrast_position_kinds, masked_finite_sum
+from selfdistill.kernels.utils import as_kernel_mask, check_launchable, num_warps_for, tile_max, tile_min, tile_sum, vocab_block
+from selfdistill.ops import contrast_host
+from selfdistill.ops.reference import MIN_WEIGHT, REWARD_CLIP
 
 
 @triton.jit
@@ -149,62 +149,38 @@ def _clipped_mean_min_kernel(
     tl.store(out_ptr + row, result)
 
 
-def _check_contrast_inputs(gold_logits, decoy_logits, gold_ids, decoy_ids, divergent) -> None:
-    if gold_logits.dim() != 3:
-        raise ValueError(f"gold_decoy_contrast expects gold_logits [R, K, V]; got {tuple(gold_logits.shape)}")
-    R, K, _ = gold_logits.shape
-    for name, t in (("gold_ids", gold_ids), ("decoy_ids", decoy_ids), ("divergent", divergent)):
-        if t.shape != (R, K):
-            raise ValueError(f"gold_decoy_contrast: {name} must be [R={R}, K={K}], got {tuple(t.shape)}")
-    if decoy_logits is not None and decoy_logits.shape != gold_logits.shape:
-        raise ValueError(f"gold_decoy_contrast: decoy_logits {tuple(decoy_logits.shape)} must match gold_logits {tuple(gold_logits.shape)}")
-
-
-def gold_decoy_contrast_forward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, temperature):
-    R, K, V = gold_logits.shape
-    contrast = torch.empty(R, K, dtype=torch.float32, device=gold_logits.device)
-    lse_parts = torch.empty(4, R, K, dtype=torch.float32, device=gold_logits.device)  # max, log sum: gold, decoy
-    decoy = gold_logits if decoy_logits is None else decoy_logits  # kind 2 never occurs without decoy rows
-    if R * K:
-        block = vocab_block(V)
-        _gold_decoy_contrast_fwd_kernel[(R * K,)](
-            gold_logits, decoy, gold_ids, decoy_ids, kinds, contrast, lse_parts,
-            K, V, gold_logits.stride(0), gold_logits.stride(1), decoy.stride(0), decoy.stride(1), 1.0 / temperature,
-            BLOCK_V=block, num_warps=num_warps_for(block),
-        )
-    return contrast, lse_parts
-
-
-def gold_decoy_contrast_backward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, lse_parts, dcontrast, temperature):
-    R, K, V = gold_logits.shape
-    dgold = torch.zeros(R, K, V, dtype=gold_logits.dtype, device=gold_logits.device)
-    decoy = gold_logits if decoy_logits is None else decoy_logits
-    ddecoy = torch.zeros(R, K, V, dtype=decoy.dtype, device=decoy.device) if decoy_logits is not None else dgold
-    if R * K:
-        block = vocab_block(V)
-        _gold_decoy_contrast_bwd_kernel[(R * K,)](
-            gold_logits, decoy, dgold, ddecoy, gold_ids, decoy_ids, kinds, dcontrast.contiguous().float(), lse_parts,
-            K, V, gold_logits.stride(0), gold_logits.stride(1), decoy.stride(0), decoy.stride(1), 1.0 / temperature,
-            BLOCK_V=block, num_warps=num_warps_for(block),
-        )
-    return dgold, (ddecoy if decoy_logits is not None else None)
-
-
-class GoldDecoyContrastFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, temperature):
-        contrast, lse_parts = gold_decoy_contrast_forward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, temperature)
-        ctx.save_for_backward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, lse_parts)
-        ctx.temperature = temperature
-        return contrast
+class _TritonLaunchers:
+    """The launchers `selfdistill.ops.contrast_host` drives (autograd, checks and belief live there)."""
 
     @staticmethod
-    def backward(ctx, dcontrast):
-        gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, lse_parts = ctx.saved_tensors
-        dgold, ddecoy = gold_decoy_contrast_backward(
-            gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, lse_parts, dcontrast, ctx.temperature
-        )
-        return dgold, ddecoy, None, None, None, None
+    def forward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, temperature):
+        R, K, V = gold_logits.shape
+        contrast = torch.empty(R, K, dtype=torch.float32, device=gold_logits.device)
+        lse_parts = torch.empty(4, R, K, dtype=torch.float32, device=gold_logits.device)  # max, log sum: gold, decoy
+        decoy = gold_logits if decoy_logits is None else decoy_logits  # kind 2 never occurs without decoy rows
+        if R * K:
+            block = vocab_block(V)
+            _gold_decoy_contrast_fwd_kernel[(R * K,)](
+                gold_logits, decoy, gold_ids, decoy_ids, kinds, contrast, lse_parts,
+                K, V, gold_logits.stride(0), gold_logits.stride(1), decoy.stride(0), decoy.stride(1), 1.0 / temperature,
+                BLOCK_V=block, num_warps=num_warps_for(block),
+            )
+        return contrast, lse_parts
+
+    @staticmethod
+    def backward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, lse_parts, dcontrast, temperature):
+        R, K, V = gold_logits.shape
+        dgold = torch.zeros(R, K, V, dtype=gold_logits.dtype, device=gold_logits.device)
+        decoy = gold_logits if decoy_logits is None else decoy_logits
+        ddecoy = torch.zeros(R, K, V, dtype=decoy.dtype, device=decoy.device) if decoy_logits is not None else dgold
+        if R * K:
+            block = vocab_block(V)
+            _gold_decoy_contrast_bwd_kernel[(R * K,)](
+                gold_logits, decoy, dgold, ddecoy, gold_ids, decoy_ids, kinds, dcontrast, lse_parts,
+                K, V, gold_logits.stride(0), gold_logits.stride(1), decoy.stride(0), decoy.stride(1), 1.0 / temperature,
+                BLOCK_V=block, num_warps=num_warps_for(block),
+            )
+        return dgold, (ddecoy if decoy_logits is not None else None)
 
 
 def gold_decoy_contrast(
@@ -216,17 +192,9 @@ def gold_decoy_contrast(
     Returns fp32 (contrast [R, K], 0 off the divergent positions; belief [R]). Differentiable
     w.r.t. the logits (the rewards call it under no_grad; the backward exists for completeness).
     """
-    _check_contrast_inputs(gold_logits, decoy_logits, gold_ids, decoy_ids, divergent)
-    check_temperature("gold_decoy_contrast", temperature)
     tensors = (gold_logits, gold_ids, decoy_ids, divergent) + (() if decoy_logits is None else (decoy_logits,))
     check_launchable("gold_decoy_contrast", *tensors)
-    kinds = contrast_position_kinds(divergent, decoy_logits is not None).to(torch.int8).contiguous()
-    gold_logits = unit_column_stride(gold_logits)
-    decoy_logits = None if decoy_logits is None else unit_column_stride(decoy_logits)
-    contrast = GoldDecoyContrastFunction.apply(
-        gold_logits, decoy_logits, gold_ids.contiguous(), decoy_ids.contiguous(), kinds, float(temperature)
-    )
-    return contrast, masked_finite_sum(contrast, divergent.bool())
+    return contrast_host.gold_decoy_contrast(_TritonLaunchers, gold_logits, decoy_logits, gold_ids, decoy_ids, divergent, temperature)
 
 
 def _clipped_mean_min_forward(values: Tensor, mask: Tensor, clip: float, min_weight: float) -> Tensor:
@@ -240,39 +208,9 @@ def _clipped_mean_min_forward(values: Tensor, mask: Tensor, clip: float, min_wei
     return out
 
 
-class ClippedMeanMinFunction(torch.autograd.Function):
-    """Forward: the Triton row reduction. Backward (elementwise, in torch): d out / d x_k =
-    [k used, |x_k| <= clip] * (1 / n_used + min_weight * [x_k is the row's min] / n_ties), and 0 for
-    rows that are NaN (no member) -- the gradient torch gives the reference formula."""
-
-    @staticmethod
-    def forward(ctx, values, mask, clip, min_weight):
-        out = _clipped_mean_min_forward(values, mask, clip, min_weight)
-        ctx.save_for_backward(values, mask, out)
-        ctx.clip, ctx.min_weight = clip, min_weight
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        values, mask, out = ctx.saved_tensors
-        used = mask.bool() & torch.isfinite(values)
-        x = values.float()
-        c = torch.where(used, x, 0.0).clamp(-ctx.clip, ctx.clip)
-        low = torch.where(used, c, float("inf")).amin(-1, keepdim=True)
-        is_min = used & (c == low)
-        inside = used & (x >= -ctx.clip) & (x <= ctx.clip)
-        n = used.sum(-1, keepdim=True).clamp(min=1)
-        ties = is_min.sum(-1, keepdim=True).clamp(min=1)
-        local = inside.float() / n + ctx.min_weight * (is_min & inside).float() / ties
-        g = torch.where(torch.isnan(out), 0.0, dout.float()).unsqueeze(-1)
-        return (g * local).to(values.dtype), None, None, None
-
-
 def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT) -> Tensor:
     """Triton `clipped_mean_min` (same contract as the reference): per row of [R, K],
     mean(clip(x)) + min_weight * min(clip(x)) over `mask`; NaN for an empty row or a non-finite x.
     Differentiable w.r.t. `values` (the rewards call it under no_grad)."""
-    if values.dim() != 2 or mask.shape != values.shape:
-        raise ValueError(f"clipped_mean_min expects values and mask [R, K]; got {tuple(values.shape)} and {tuple(mask.shape)}")
     check_launchable("clipped_mean_min", values, mask)
-    return ClippedMeanMinFunction.apply(values, mask, float(clip), float(min_weight))
+    return contrast_host.clipped_mean_min(_clipped_mean_min_forward, values, mask, clip, min_weight)

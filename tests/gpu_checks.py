@@ -121,8 +121,13 @@ def main() -> int:
         c = torch.where(first, one_row, torch.where(divergent, two_pass, torch.zeros_like(one_row)))
         return c, c.sum(-1)
 
-    check("gold_decoy_contrast/triton", lambda a, b: kernels.gold_decoy_contrast(a, b, gold_ids, decoy_ids, divergent),
-          lambda a, b: reference.gold_decoy_contrast(a, b, gold_ids, decoy_ids, divergent), contrast64, [gl, dl])
+    for label, impl in (("triton", kernels.gold_decoy_contrast), ("csrc", cuda_ext.gold_decoy_contrast)):
+        check(f"gold_decoy_contrast/{label}", lambda a, b, impl=impl: impl(a, b, gold_ids, decoy_ids, divergent),
+              lambda a, b: reference.gold_decoy_contrast(a, b, gold_ids, decoy_ids, divergent), contrast64, [gl, dl])
+    values, members = rand(R, K, scale=2.0), divergent
+    for label, impl in (("triton", kernels.clipped_mean_min), ("csrc", cuda_ext.clipped_mean_min)):
+        check(f"clipped_mean_min/{label}", lambda x, impl=impl: (impl(x, members),),
+              lambda x: (reference.clipped_mean_min(x, members),), lambda x: (reference.clipped_mean_min(x, members),), [values])
 
     ok = all(r["ok"] for r in results)
     if args.json:

@@ -151,14 +151,64 @@ def test_policy_loss_empty_batch_and_dispatch(ext):
     assert float((got - want).abs()) < 1e-6
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("source", ["token_logprobs_cuda.cu", "policy_loss_cuda.cu"])
-def test_cuda_kernels_compile_for_sm90(tmp_path, source):
-    """The kernel files are torch-free (the C++ side owns tensors and streams), so they compile here."""
-    src = os.path.join(cuda_ext._csrc_dir(), source)
-    cmd = ["nvcc", "-c", "-std=c++17", "-O3", "-gencode=arch=compute_90,code=sm_90", src, "-o", str(tmp_path / "k.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    symbols = subprocess.run(["nm", "-C", str(tmp_path / "k.o")], capture_output=True, text=True).stdout
-    launcher = source.replace("_cuda.cu", "")
-    assert any(f"{launcher}" in line and "_launch" in line and " T " in line for line in symbols.splitlines()), symbols[-2000:]
+def test_contrast_bad_ids_and_dispatch(ext):
+    """An id outside the vocabulary at a divergent position raises (CPU path) naming it; padding ids
+    off the divergent positions are never read. `ops.backend=cuda` dispatches the contrast ops here
+    (the fp64 comparisons of both are in tests/test_kernels_contrast.py)."""
+    g = torch.Generator().manual_seed(2)
+    gold, decoy = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    divergent = torch.tensor([[False, True, True], [True, False, False]])
+    gold_ids = torch.tensor([[-1, 4, 11], [2, -1, -1]])
+    decoy_ids = torch.tensor([[-1, 5, 6], [3, -1, -1]])
+    with pytest.raises(RuntimeError, match="gold id 11 at position 2 is outside the vocabulary"):
+        cuda_ext.gold_decoy_contrast(gold, decoy, gold_ids, decoy_ids, divergent)
+    gold_ids[0, 2] = 10
+    want = reference.gold_decoy_contrast(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), divergent)
+    try:
+        ops.set_backend("cuda")
+        got = ops.dispatched_gold_decoy_contrast(gold, decoy, gold_ids, decoy_ids, divergent)
+        did = ops.dispatched_gold_decoy_did(got[0], torch.zeros_like(got[0]), divergent)
+    finally:
+        ops.set_backend("auto")
+    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+    assert torch.allclose(did, reference.clipped_mean_min(want[0], divergent), atol=1e-6)
+
+
+def _cuda_host_compile_flags(tmp_path) -> list[str]:
+    """g++ flags that compile a .cpp's WITH_CUDA side here: torch's and CUDA's headers, plus an empty
+    stand-in for the one header a CPU build of torch does not ship (cmake-generated macros)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import CUDA_HOME, include_paths
+
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("")
+    dirs = [*include_paths(), sysconfig.get_paths()["include"], os.path.join(CUDA_HOME or "/usr/local/cuda", "include"),
+            str(tmp_path / "stub")]
+    return ["-std=c++17", "-fPIC", "-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=csrc_check", *(f"-I{d}" for d in dirs)]
+
+
+def _symbols(obj, kind: str) -> set[str]:
+    """Mangled launcher symbols of an object file: kind "U" (used, undefined) or "T" (defined)."""
+    out = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.split()[-2:-1] == [kind] and "_launch" in line}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("g++") is None, reason="nvcc / g++ not installed")
+@pytest.mark.parametrize("op", ["token_logprobs", "policy_loss", "contrast"])
+def test_cuda_kernels_compile_for_sm90_and_match_their_host_side(tmp_path, op):
+    """The kernel files are torch-free (the C++ side owns tensors and streams), so nvcc compiles them
+    here for an H100 (sm_90); the op's .cpp compiles WITH_CUDA, and every launcher it calls is
+    defined by the .cu with the same mangled name, i.e. the same signature (what the JIT link on a
+    GPU machine will need)."""
+    csrc = cuda_ext._csrc_dir()
+    cu, cpp = tmp_path / "kernels.o", tmp_path / "host.o"
+    steps = [["nvcc", "-c", "-std=c++17", "-O3", "-gencode=arch=compute_90,code=sm_90", os.path.join(csrc, f"{op}_cuda.cu"),
+              "-o", str(cu)],
+             ["g++", "-c", "-O0", *_cuda_host_compile_flags(tmp_path), os.path.join(csrc, f"{op}.cpp"), "-o", str(cpp)]]
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    called, defined = _symbols(cpp, "U"), _symbols(cu, "T")
+    assert called and called <= defined, (called, defined)

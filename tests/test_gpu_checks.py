@@ -21,5 +21,5 @@ def test_device_checks_pass(device, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     names = {c["check"] for c in doc["checks"]}
-    assert doc["ok"] and len(names) == 15, names
+    assert doc["ok"] and len(names) == 18, names
     assert all(e["ok"] for c in doc["checks"] for e in c["errors"])

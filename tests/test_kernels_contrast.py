@@ -1,4 +1,6 @@
-"""Triton `gold_decoy_contrast` and `clipped_mean_min` (kernels/contrast.py), SPEC sections 1-2.
+"""The fused `gold_decoy_contrast` and `clipped_mean_min`, SPEC sections 1-2: the Triton kernels
+(kernels/contrast.py, through the interpreter) and the csrc extension (csrc/contrast.cpp, its CPU
+path), each checked against the same references, beside the torch reference itself.
 
 The ground truth is the two-pass definition in fp64: log_softmax of the gold row at the gold token
 minus log_softmax of the decoy row at the decoy token, at every divergent position. At a row's
@@ -22,7 +24,10 @@ if not kernels.INTERPRETED:
     pytest.skip("selfdistill.kernels was imported before TRITON_INTERPRET=1; run kernel tests in their own process", allow_module_level=True)
 
 from selfdistill import ops  # noqa: E402
-from selfdistill.ops import reference  # noqa: E402
+from selfdistill.ops import cuda_ext, reference  # noqa: E402
+
+CONTRAST = (kernels.gold_decoy_contrast, cuda_ext.gold_decoy_contrast)  # the fused implementations
+CLIPPED_MEAN_MIN = (kernels.clipped_mean_min, cuda_ext.clipped_mean_min)
 
 
 def two_pass(gold, decoy, gold_ids, decoy_ids, divergent, temperature=1.0):
@@ -67,7 +72,7 @@ def test_contrast_and_belief_match_the_two_pass_definition(V, temperature):
     want_c, want_b = two_pass(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT, temperature)
     torch_c, _ = two_pass(gold.float(), decoy.float(), gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT, temperature)
     floor = 1e-5
-    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+    for impl in (*CONTRAST, reference.gold_decoy_contrast):
         c, b = impl(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT, temperature)
         assert err(c, want_c) <= max(2 * err(torch_c, want_c), floor), impl.__module__
         assert torch.isnan(b[3]) and not torch.isnan(b[:3]).any()
@@ -79,11 +84,12 @@ def test_first_position_needs_no_decoy_pass():
     one = DIVERGENT[[0, 3]]
     gold, decoy, gold_ids, decoy_ids = make_batch(2, 5, 300, seed=1, divergent=one)
     want_c, want_b = two_pass(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), one)
-    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+    for impl in (*CONTRAST, reference.gold_decoy_contrast):
         c, b = impl(gold.float(), None, gold_ids, decoy_ids, one)
         assert err(c, want_c) < 1e-5 and err(b, want_b) < 1e-5 and torch.isnan(b[1])
-    with pytest.raises(ValueError, match="decoy pass"):
-        kernels.gold_decoy_contrast(gold.float(), None, gold_ids, decoy_ids, DIVERGENT[[1, 2]])
+    for impl in CONTRAST:
+        with pytest.raises(ValueError, match="decoy pass"):
+            impl(gold.float(), None, gold_ids, decoy_ids, DIVERGENT[[1, 2]])
 
 
 def test_spec_worked_case_open_minus_one_close_plus_one():
@@ -97,7 +103,7 @@ def test_spec_worked_case_open_minus_one_close_plus_one():
     logits = torch.stack([row(-2.0, -1.0), row(-1.0, -2.0)]).view(2, 1, 3)
     ids_g, ids_d = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)
     divergent = torch.ones(2, 1, dtype=torch.bool)
-    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+    for impl in (*CONTRAST, reference.gold_decoy_contrast):
         c, belief = impl(logits, None, ids_g, ids_d, divergent)
         assert belief.tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)
         assert c.view(-1).tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)
@@ -109,7 +115,7 @@ def test_nonfinite_term_makes_the_row_a_non_member():
     ids_g = torch.tensor([[3, 0], [3, 0]])
     ids_d = torch.tensor([[4, 1], [4, 1]])
     divergent = torch.tensor([[True, False], [True, False]])
-    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+    for impl in (*CONTRAST, reference.gold_decoy_contrast):
         _, belief = impl(gold, None, ids_g, ids_d, divergent)
         assert torch.isnan(belief[0]) and belief[1].item() == 0.0
 
@@ -129,7 +135,7 @@ def test_gradients_match_fp64():
     # differentiates both rows; with equal rows the sums over both agree
     want_first_folded = want[0] + torch.where((DIVERGENT & (DIVERGENT.cumsum(-1) == 1)).unsqueeze(-1), want[1], 0.0)
     want_decoy = torch.where((DIVERGENT & (DIVERGENT.cumsum(-1) == 1)).unsqueeze(-1), 0.0, want[1])
-    for impl in (kernels.gold_decoy_contrast, reference.gold_decoy_contrast):
+    for impl in (*CONTRAST, reference.gold_decoy_contrast):
         got = grads(impl, gold.float(), decoy.float())
         assert err(got[0], want_first_folded) < 1e-5 and err(got[1], want_decoy) < 1e-5, impl.__module__
 
@@ -143,7 +149,7 @@ def test_clipped_mean_min_hand_worked():
         [float("nan"), 3.0, 0.0, 0.0],    # NaN off the mask is ignored -> clip(3) = 2: 2 + 2
     ])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
-    for impl in (kernels.clipped_mean_min, reference.clipped_mean_min):
+    for impl in (*CLIPPED_MEAN_MIN, reference.clipped_mean_min):
         out = impl(values, mask)
         assert out[0].item() == pytest.approx(-1 / 6 - 2, abs=1e-6)
         assert out[1].item() == 0.0
@@ -151,16 +157,17 @@ def test_clipped_mean_min_hand_worked():
         assert out[4].item() == pytest.approx(4.0)
 
 
-def test_clipped_mean_min_random_and_gm_dispatch():
+@pytest.mark.parametrize("backend,impl", [("triton", kernels.clipped_mean_min), ("cuda", cuda_ext.clipped_mean_min)])
+def test_clipped_mean_min_random_and_gm_dispatch(backend, impl):
     gen = torch.Generator().manual_seed(3)
     cm, cp = torch.randn(7, 1100, generator=gen) * 2, torch.randn(7, 1100, generator=gen) * 2
     mask = torch.rand(7, 1100, generator=gen) < 0.3
     did = (cm.double() - cp.double()).clamp(-2, 2)
     want = torch.stack([did[r][mask[r]].mean() + did[r][mask[r]].min() for r in range(7)])
-    got = kernels.clipped_mean_min(cm - cp, mask)
+    got = impl(cm - cp, mask)
     assert err(got, want) < 1e-5
     try:
-        ops.set_backend("triton")
+        ops.set_backend(backend)
         via_ops = ops.dispatched_gold_decoy_did(cm, cp, mask)
     finally:
         ops.set_backend("auto")
@@ -168,7 +175,8 @@ def test_clipped_mean_min_random_and_gm_dispatch():
     assert err(reference.gold_decoy_did(cm, cp, mask), want) < 1e-5
 
 
-def test_clipped_mean_min_gradient_matches_fp64():
+@pytest.mark.parametrize("impl", CLIPPED_MEAN_MIN)
+def test_clipped_mean_min_gradient_matches_fp64(impl):
     """Clipped entries, ties at the min, masked-out entries and a NaN row: the same gradient as
     autograd through the fp64 reference."""
     gen = torch.Generator().manual_seed(5)
@@ -181,7 +189,7 @@ def test_clipped_mean_min_gradient_matches_fp64():
     mask[2] = False  # an empty row: NaN out, no gradient
     dout = torch.randn(6, generator=gen)
     x = values.clone().requires_grad_(True)
-    got = kernels.clipped_mean_min(x, mask)
+    got = impl(x, mask)
     (torch.nan_to_num(got) * dout).sum().backward()
     x64 = values.double().requires_grad_(True)
     want = reference.clipped_mean_min(x64, mask)
@@ -191,8 +199,26 @@ def test_clipped_mean_min_gradient_matches_fp64():
     assert err(x.grad, x64.grad) < 1e-6
 
 
-def test_deterministic_across_runs():
+@pytest.mark.parametrize("impl", CONTRAST)
+def test_deterministic_across_runs(impl):
     gold, decoy, gold_ids, decoy_ids = make_batch(4, 5, 300, seed=9, divergent=DIVERGENT)
-    a = kernels.gold_decoy_contrast(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
-    b = kernels.gold_decoy_contrast(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
+    a = impl(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
+    b = impl(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1].nan_to_num(), b[1].nan_to_num())
+
+
+@pytest.mark.parametrize("impl", CONTRAST)
+def test_strided_and_bf16_logits(impl):
+    """Logits that are a strided view (every other position of a longer [R, 2K, V] tensor, as a
+    slice of a model's logits is) and bf16 logits (fp32 math on the bf16 values) both give the
+    two-pass values of the same numbers."""
+    gold, decoy, gold_ids, decoy_ids = make_batch(4, 5, 300, seed=11, divergent=DIVERGENT)
+    want_c, _ = two_pass(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT)
+    wide_g, wide_d = torch.zeros(4, 10, 300), torch.full((4, 10, 300), float("nan"))
+    wide_g[:, ::2], wide_d[:, ::2] = gold.float(), decoy.float()
+    c, _ = impl(wide_g[:, ::2], wide_d[:, ::2], gold_ids, decoy_ids, DIVERGENT)
+    assert err(c, want_c) < 1e-5
+    g16, d16 = gold.bfloat16(), decoy.bfloat16()
+    want16, _ = two_pass(g16.double(), d16.double(), gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT)
+    c16, _ = impl(g16, d16, gold_ids, decoy_ids, DIVERGENT)
+    assert err(c16, want16) < 1e-4

@@ -159,9 +159,10 @@ def test_errors_and_dispatch():
         kernels.policy_loss(batch["logp"], batch["old"], batch["adv"][:, :3], batch["mask"], batch["lengths"])
     try:
         ops.set_backend("cuda")
-        with pytest.raises(NotImplementedError, match="csrc extension has no 'gold_decoy_contrast'"):
-            ops.dispatched_gold_decoy_contrast(torch.zeros(1, 2, 5), None, torch.zeros(1, 2, dtype=torch.long),
-                                               torch.ones(1, 2, dtype=torch.long), torch.tensor([[True, False]]))
+        from selfdistill.ops import cuda_ext
+
+        for name in ("token_logprobs", "fused_linear_token_logprobs", "policy_loss", "gold_decoy_contrast", "clipped_mean_min"):
+            assert ops._impl(name, "cpu") is getattr(cuda_ext, name), name
     finally:
         ops.set_backend("auto")
     with pytest.raises(ValueError, match="not valid"):

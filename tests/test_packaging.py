@@ -34,7 +34,8 @@ def test_wheel_layout(wheel_names):
                  "selfdistill/conf/experiment/demo.yaml", "selfdistill/conf/experiment/pmi.yaml",
                  "selfdistill/csrc/token_logprobs.cpp", "selfdistill/csrc/token_logprobs_cuda.cu",
                  "selfdistill/csrc/policy_loss.cpp", "selfdistill/csrc/policy_loss_cuda.cu", "selfdistill/csrc/policy_loss_token.h",
-                 "selfdistill/csrc/bindings.cpp"):
+                 "selfdistill/csrc/bindings.cpp", "selfdistill/csrc/contrast.cpp", "selfdistill/csrc/contrast_cuda.cu",
+                 "selfdistill/csrc/online_lse_cuda.cuh", "selfdistill/csrc/online_lse.h"):
         assert need in names, need
     assert not any(n.startswith("tests/") for n in names)
 

@@ -5,11 +5,11 @@ sees a GPU, `csrc/token_logprobs_cuda.cu` (with `-DWITH_CUDA`) into the torch ex
 (`TORCH_EXTENSIONS_DIR`); later runs reuse the build. It needs a C++ compiler and ninja (the `dev`
 extra installs ninja), plus nvcc for the CUDA path.
 
-Ops provided: `token_logprobs` and, through it, `fused_linear_token_logprobs` (the projection is
-done by chunks of rows with the LM head in the input dtype, then the fused kernel), and
-`policy_loss` (the csrc row pass under the host side shared with the Triton kernel,
-`selfdistill.ops.row_pass_loss`). The contrast ops raise NotImplementedError under
-`ops.backend=cuda`; use `triton` or `torch` for them.
+Ops provided (every op of `selfdistill.ops`): `token_logprobs` and, through it,
+`fused_linear_token_logprobs` (the projection is done by chunks of rows with the LM head in the
+input dtype, then the fused kernel); `policy_loss` (the csrc row pass under the host side shared
+with the Triton kernel, `selfdistill.ops.row_pass_loss`); `gold_decoy_contrast` and
+`clipped_mean_min` (csrc launchers under `selfdistill.ops.contrast_host`, shared likewise).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import os
 import torch
 from torch import Tensor
 
-from selfdistill.ops.reference import RAMP_W0, RAMP_W1, projected_by_chunks
+from selfdistill.ops import contrast_host
+from selfdistill.ops.reference import MIN_WEIGHT, RAMP_W0, RAMP_W1, REWARD_CLIP, projected_by_chunks
 from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, fused_policy_loss
 
 
@@ -33,12 +34,12 @@ def _csrc_dir() -> str:
     return str(files("selfdistill.csrc"))
 
 
-PROVIDED = ("token_logprobs", "fused_linear_token_logprobs", "policy_loss")
+PROVIDED = ("token_logprobs", "fused_linear_token_logprobs", "policy_loss", "gold_decoy_contrast", "clipped_mean_min")
 
 
 def sources(with_cuda: bool) -> list[str]:
-    names = ["bindings.cpp", "token_logprobs.cpp", "policy_loss.cpp"]
-    names += ["token_logprobs_cuda.cu", "policy_loss_cuda.cu"] if with_cuda else []
+    names = ["bindings.cpp", "token_logprobs.cpp", "policy_loss.cpp", "contrast.cpp"]
+    names += ["token_logprobs_cuda.cu", "policy_loss_cuda.cu", "contrast_cuda.cu"] if with_cuda else []
     return [os.path.join(_csrc_dir(), n) for n in names]
 
 
@@ -54,7 +55,7 @@ def extension():
     # torch rebuilds when a listed source changes, not a header: name the build by every file's content
     digest = hashlib.sha1()
     for name in sorted(os.listdir(_csrc_dir())):
-        if name.endswith((".cpp", ".cu", ".h")):
+        if name.endswith((".cpp", ".cu", ".h", ".cuh")):
             with open(os.path.join(_csrc_dir(), name), "rb") as f:
                 digest.update(name.encode() + f.read())
     return load(
@@ -126,3 +127,36 @@ def policy_loss(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
         entropy_coef=entropy_coef, token_weighting=token_weighting, max_len_norm=max_len_norm,
     )
+
+
+class _CsrcContrastLaunchers:
+    """The csrc launchers `selfdistill.ops.contrast_host` drives; no decoy rows = an empty tensor."""
+
+    @staticmethod
+    def forward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, temperature):
+        decoy = gold_logits.new_empty(0) if decoy_logits is None else decoy_logits
+        return extension().gold_decoy_contrast_forward(gold_logits, decoy, gold_ids, decoy_ids, kinds, 1.0 / temperature)
+
+    @staticmethod
+    def backward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, stats, dcontrast, temperature):
+        decoy = gold_logits.new_empty(0) if decoy_logits is None else decoy_logits
+        return extension().gold_decoy_contrast_backward(gold_logits, decoy, gold_ids, decoy_ids, kinds, stats, dcontrast,
+                                                        1.0 / temperature)
+
+
+def gold_decoy_contrast(
+    gold_logits: Tensor, decoy_logits: Tensor | None, gold_ids: Tensor, decoy_ids: Tensor, divergent: Tensor,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Same contract as `selfdistill.ops.reference.gold_decoy_contrast`: fp32 (contrast [R, K], belief [R])."""
+    return contrast_host.gold_decoy_contrast(_CsrcContrastLaunchers, gold_logits, decoy_logits, gold_ids, decoy_ids,
+                                             divergent, temperature)
+
+
+def _clipped_mean_min_forward(values: Tensor, mask: Tensor, clip: float, min_weight: float) -> Tensor:
+    return extension().clipped_mean_min_forward(values, (mask != 0).to(torch.uint8), clip, min_weight)
+
+
+def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT) -> Tensor:
+    """Same contract as `selfdistill.ops.reference.clipped_mean_min` (differentiable w.r.t. `values`)."""
+    return contrast_host.clipped_mean_min(_clipped_mean_min_forward, values, mask, clip, min_weight)
