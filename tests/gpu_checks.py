@@ -27,7 +27,6 @@ def main() -> int:
     args = p.parse_args()
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before selfdistill.kernels is first imported
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
 
     import selfdistill.kernels as kernels
