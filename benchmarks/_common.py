@@ -104,12 +104,14 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
+    # CPU: the profiler's raw allocation / free records in time order (per-op `self` memory would
+    # book a free at the start of the op that encloses it, e.g. an autograd Function)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
+    for _, nbytes in events:
+        current += nbytes
         peak = max(peak, current)
     return peak / 2**20
 
@@ -134,7 +136,8 @@ def measure(rows: list[dict], base: dict, fn: Callable[[], object], args, *, byt
 
 def emit(kernel: str, rows: list[dict], args) -> None:
     """Print the table and write the JSON document."""
-    cols = [c for c in ("shape", "provider", "mode", "ms", "gbps", "tflops", "peak_mem_mb", "error") if any(c in r for r in rows)]
+    cols = [c for c in ("shape", "provider", "mode", "ms", "gbps", "tflops", "peak_mem_mb", "vs_matmuls", "extra_mem_mb", "error")
+            if any(c in r for r in rows)]
     print(f"# {kernel} on {args.device} ({device_name(args.device)}), preset {args.preset}, median of {args.reps}")
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:

@@ -3,13 +3,14 @@
 
 #include <torch/extension.h>
 
+#include <optional>
 #include <tuple>
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& logits, const at::Tensor& targets,
                                                                      double inv_temperature);
 at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
                                    const at::Tensor& entropy, const at::Tensor& dlogp, const at::Tensor& dentropy,
-                                   double inv_temperature);
+                                   double inv_temperature, const std::optional<at::Tensor>& out);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_row_pass(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
     const at::Tensor& lengths, const at::Tensor& ref_logp, const at::Tensor& entropy, double ratio_low, double ratio_high,
@@ -28,7 +29,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_forward", &token_logprobs_forward,
         "(logp, entropy, stats) fp32 from logits [N, V] and targets [N] at 1 / temperature");
   m.def("token_logprobs_backward", &token_logprobs_backward,
-        "d logits from the forward's stats and entropy and the upstream d logp, d entropy");
+        "d logits from the forward's stats and entropy and the upstream d logp, d entropy (into out if given; it may "
+        "alias the logits)",
+        py::arg("logits"), py::arg("targets"), py::arg("stats"), py::arg("entropy"), py::arg("dlogp"), py::arg("dentropy"),
+        py::arg("inv_temperature"), py::arg("out") = py::none());
   m.def("policy_loss_row_pass", &policy_loss_row_pass,
         "(coef [B, T], coef_entropy [B, T] or empty, rows [B, 7]) of the fused policy loss (selfdistill.ops.row_pass_loss)");
   m.def("gold_decoy_contrast_forward", &gold_decoy_contrast_forward,

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "online_lse.h"
@@ -52,14 +53,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(const
 
 at::Tensor token_logprobs_backward_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
                                         const at::Tensor& entropy, const at::Tensor& dlogp, const at::Tensor& dentropy,
-                                        double inv_temperature) {
+                                        double inv_temperature, at::Tensor dz) {
   const c10::cuda::CUDAGuard guard(logits.device());
   auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
   auto y = targets.contiguous();
   auto st = stats.contiguous(), h = entropy.to(at::kFloat).contiguous();
   auto gl = dlogp.to(at::kFloat).contiguous(), ge = dentropy.to(at::kFloat).contiguous();
   const int64_t N = z.size(0), V = z.size(1);
-  auto dz = at::empty({N, V}, z.options());
   const cudaError_t err = token_logprobs_backward_launch(
       z.data_ptr(), logits_dtype_code(z, "token_logprobs (cuda)"), y.data_ptr<int64_t>(), st.data_ptr<float>(), h.data_ptr<float>(),
       gl.data_ptr<float>(), ge.data_ptr<float>(), dz.data_ptr(), N, V, z.stride(0), static_cast<float>(inv_temperature),
@@ -139,21 +139,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(const at::
   return {logp, ent, stats};
 }
 
-// d logits [N, V] in the logits' dtype.
+// d logits [N, V] in the logits' dtype, written into `out` when given (contiguous [N, V], same dtype;
+// it may be `logits` itself: each element is read before it is overwritten) or a new tensor.
 at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
                                    const at::Tensor& entropy, const at::Tensor& dlogp, const at::Tensor& dentropy,
-                                   double inv_temperature) {
+                                   double inv_temperature, const std::optional<at::Tensor>& out) {
   check_inputs(logits, targets);
+  auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const int64_t N = z.size(0), V = z.size(1);
+  at::Tensor dz;
+  if (out.has_value()) {
+    dz = *out;
+    TORCH_CHECK(dz.sizes() == z.sizes() && dz.scalar_type() == z.scalar_type() && dz.is_contiguous() &&
+                    dz.device() == z.device(),
+                "token_logprobs_backward: out must be a contiguous ", z.sizes(), " ", z.scalar_type(), " tensor on ",
+                z.device());
+  } else {
+    dz = at::empty({N, V}, z.options());
+  }
 #ifdef WITH_CUDA
   if (logits.is_cuda())
-    return token_logprobs_backward_cuda(logits, targets, stats, entropy, dlogp, dentropy, inv_temperature);
+    return token_logprobs_backward_cuda(z, targets, stats, entropy, dlogp, dentropy, inv_temperature, dz);
 #endif
-  auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
   auto y = targets.contiguous();
   auto gl = dlogp.to(at::kFloat).contiguous(), ge = dentropy.to(at::kFloat).contiguous();
   auto st = stats.contiguous(), h = entropy.to(at::kFloat).contiguous();
-  const int64_t N = z.size(0), V = z.size(1);
-  auto dz = at::empty({N, V}, z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "token_logprobs_backward", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const int64_t stride = z.stride(0);

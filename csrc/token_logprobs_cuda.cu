@@ -3,7 +3,7 @@
 // Forward: one block per row; each thread keeps an online (max z, d, a) over a strided slice of the
 // vocabulary, then the block merges the triples (warp shuffles, then one warp over the warps).
 // Backward: a 2-D grid of rows x vocabulary tiles, elementwise from the saved row stats
-// (max z, log d) and the entropy.
+// (max z, log d) and the entropy; dz may alias z (each thread reads an element before writing it).
 
 #include <cstdint>
 
@@ -34,7 +34,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ z, const int64_t* __
 }
 
 template <typename scalar_t>
-__global__ void backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ y, const float* stats,
+__global__ void backward_kernel(const scalar_t* z, const int64_t* __restrict__ y, const float* stats,
                                 const float* entropy, const float* dlogp, const float* dent, scalar_t* dz, int64_t V,
                                 int64_t stride, float inv_t) {
   const int64_t row = blockIdx.x;

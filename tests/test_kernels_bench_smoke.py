@@ -1,7 +1,7 @@
 """The kernel microbenchmarks run end to end at a tiny CPU shape and write well-formed JSON.
 
 One subprocess per script (benchmarks/bench_*.py), eager torch reference and the Triton kernel
-through the interpreter (and, for token_logprobs and policy_loss, the csrc extension's CPU path); torch.compile is
+through the interpreter and the csrc extension's CPU path (and the bare matmuls for fused_linear); torch.compile is
 left out here only because compiling costs more than the whole smoke run. Checks the document's keys and that every number is finite.
 """
 
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {
     "bench_token_logprobs.py": ("token_logprobs", "torch_reference,triton,cuda", "gbps", {"fwd", "fwd_bwd"}),
-    "bench_fused_linear.py": ("fused_linear_token_logprobs", "torch_reference,triton", "tflops", {"fwd", "fwd_bwd"}),
-    "bench_contrast.py": ("gold_decoy_contrast", "torch_reference,triton", "gbps", {"fwd"}),
+    "bench_fused_linear.py": ("fused_linear_token_logprobs", "matmuls,torch_reference,triton,cuda", "tflops", {"fwd", "fwd_bwd"}),
+    "bench_contrast.py": ("gold_decoy_contrast", "torch_reference,triton,cuda", "gbps", {"fwd"}),
     "bench_policy_loss.py": ("policy_loss", "torch_reference,triton,cuda", "gbps", {"fwd_bwd"}),
 }
 
@@ -42,3 +42,12 @@ def test_benchmark_script_writes_finite_json(script, tmp_path):
         for key in ("ms", "peak_mem_mb", throughput):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (key, r)
         assert r["ms"] > 0
+    if kernel == "fused_linear_token_logprobs":
+        # the tiny shape is N=16, V=500 fp32: the fused paths' only extra memory is one logits tile
+        # (fp32 inputs accumulate in the returned gradients), the reference keeps more
+        tile_mb = 16 * 500 * 4 / 2**20
+        extra = {r["provider"]: r["extra_mem_mb"] for r in rows if r["mode"] == "fwd_bwd" and r["provider"] != "matmuls"}
+        for fused in ("triton", "cuda"):
+            assert tile_mb * 0.99 <= extra[fused] <= tile_mb * 1.1 + 0.01, (fused, extra)
+        assert extra["torch_reference"] > extra["triton"]
+        assert all("vs_matmuls" in r for r in rows if r["provider"] != "matmuls")

@@ -1,4 +1,6 @@
-"""Triton `fused_linear_token_logprobs` (kernels/fused_linear.py): log-probs from hidden + LM head.
+"""Fused `fused_linear_token_logprobs`: log-probs from hidden + LM head, through the shared chunked
+host side (selfdistill/ops/fused_linear_host.py) over the Triton kernels (kernels/fused_linear.py)
+and, in the fp64 comparison, over the csrc kernels' CPU path too.
 
 Against an independent fp64 formula (full logits, log_softmax), CPU interpreter, fp32 inputs;
 criterion as for token_logprobs: error no worse than max(2 * torch fp32 error, floor).
@@ -18,7 +20,7 @@ if not kernels.INTERPRETED:
     pytest.skip("selfdistill.kernels was imported before TRITON_INTERPRET=1; run kernel tests in their own process", allow_module_level=True)
 
 from selfdistill import ops  # noqa: E402
-from selfdistill.ops import reference  # noqa: E402
+from selfdistill.ops import cuda_ext, reference  # noqa: E402  (cuda_ext: the csrc extension's CPU path)
 
 
 def formula(hidden, weight, targets, temperature, chunk_rows=None):
@@ -48,8 +50,9 @@ def make(N, H, V, seed):
     return hidden, weight, targets, g[0], g[1]
 
 
-# (N, H, V, chunk_rows): N=1, a chunk that does not divide N, V not a multiple of the tile, a long row
-SHAPES = [(1, 8, 37, 1024), (9, 16, 300, 4), (33, 24, 1031, 16), (7, 5, 4099, 3)]
+# (N, H, V, chunk_rows): N=1, a chunk that does not divide N, V not a multiple of the tile, a long
+# row. N < V runs the backward over vocabulary slices, N >= V (the last two) over row chunks.
+SHAPES = [(1, 8, 37, 1024), (9, 16, 300, 4), (33, 24, 1031, 16), (7, 5, 4099, 3), (40, 8, 37, 16), (64, 12, 50, 7)]
 
 
 @pytest.mark.parametrize("N,H,V,chunk_rows", SHAPES)
@@ -58,15 +61,16 @@ def test_forward_and_gradients_match_fp64(N, H, V, chunk_rows, temperature):
     hidden, weight, targets, g_logp, g_ent = make(N, H, V, seed=N * 7 + V)
     truth = run(formula, hidden.double(), weight.double(), targets, temperature, g_logp, g_ent)
     torch32 = run(formula, hidden, weight, targets, temperature, g_logp, g_ent)
-    for impl in (kernels.fused_linear_token_logprobs, reference.fused_linear_token_logprobs):
+    for impl in (kernels.fused_linear_token_logprobs, cuda_ext.fused_linear_token_logprobs, reference.fused_linear_token_logprobs):
         got = run(impl, hidden, weight, targets, temperature, g_logp, g_ent, chunk_rows=chunk_rows)
         for name, i, floor in (("logp", 0, 1e-5), ("entropy", 1, 1e-5), ("dhidden", 2, 1e-5), ("dweight", 3, 1e-5)):
             e_got, e_torch = err(got[i], truth[i]), err(torch32[i], truth[i])
             assert e_got <= max(2 * e_torch, floor), f"{impl.__module__} {name}: {e_got:.3g} vs torch fp32 {e_torch:.3g}"
 
 
-def test_frozen_weight_or_hidden_gets_no_gradient_and_the_other_is_right():
-    hidden, weight, targets, g_logp, g_ent = make(6, 12, 300, seed=3)
+@pytest.mark.parametrize("N,V", [(6, 300), (40, 30)])  # vocabulary slices, row chunks
+def test_frozen_weight_or_hidden_gets_no_gradient_and_the_other_is_right(N, V):
+    hidden, weight, targets, g_logp, g_ent = make(N, 12, V, seed=3)
     truth = run(formula, hidden.double(), weight.double(), targets, 1.0, g_logp, g_ent)
     only_h = run(kernels.fused_linear_token_logprobs, hidden, weight, targets, 1.0, g_logp, g_ent, chunk_rows=4, grad_weight=False)
     only_w = run(kernels.fused_linear_token_logprobs, hidden, weight, targets, 1.0, g_logp, g_ent, chunk_rows=4, grad_hidden=False)

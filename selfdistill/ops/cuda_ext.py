@@ -6,8 +6,8 @@ sees a GPU, `csrc/token_logprobs_cuda.cu` (with `-DWITH_CUDA`) into the torch ex
 extra installs ninja), plus nvcc for the CUDA path.
 
 Ops provided (every op of `selfdistill.ops`): `token_logprobs` and, through it,
-`fused_linear_token_logprobs` (the projection is done by chunks of rows with the LM head in the
-input dtype, then the fused kernel); `policy_loss` (the csrc row pass under the host side shared
+`fused_linear_token_logprobs` (the chunked host side `selfdistill.ops.fused_linear_host`, shared
+with the Triton kernels: logits never exist for all rows); `policy_loss` (the csrc row pass under the host side shared
 with the Triton kernel, `selfdistill.ops.row_pass_loss`); `gold_decoy_contrast` and
 `clipped_mean_min` (csrc launchers under `selfdistill.ops.contrast_host`, shared likewise).
 """
@@ -21,8 +21,8 @@ import os
 import torch
 from torch import Tensor
 
-from selfdistill.ops import contrast_host
-from selfdistill.ops.reference import MIN_WEIGHT, RAMP_W0, RAMP_W1, REWARD_CLIP, projected_by_chunks
+from selfdistill.ops import contrast_host, fused_linear_host
+from selfdistill.ops.reference import MIN_WEIGHT, RAMP_W0, RAMP_W1, REWARD_CLIP
 from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, fused_policy_loss
 
 
@@ -93,11 +93,24 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) ->
     return TokenLogprobsFunction.apply(logits, targets.long(), float(temperature))
 
 
+class _CsrcTokenLogprobLaunchers:
+    """The csrc kernels as `selfdistill.ops.fused_linear_host` launchers (stats [n, 2] = (max z, log d))."""
+
+    @staticmethod
+    def forward(logits, targets, temperature):
+        return extension().token_logprobs_forward(logits, targets, 1.0 / temperature)
+
+    @staticmethod
+    def backward(logits, targets, stats, entropy, dlogp, dentropy, temperature, out):
+        return extension().token_logprobs_backward(logits, targets, stats, entropy, dlogp, dentropy, 1.0 / temperature, out)
+
+
 def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                                 chunk_rows: int = 1024) -> tuple[Tensor, Tensor]:
-    """`token_logprobs(hidden @ weight.T, targets)` by chunks of rows: [chunk_rows, V] logits in the
-    input dtype exist one chunk at a time (autograd keeps each chunk's logits for the backward)."""
-    return projected_by_chunks(token_logprobs, hidden, weight, targets, temperature, chunk_rows)
+    """`token_logprobs(hidden @ weight.T, targets)` without [N, V] logits: the chunked host side of
+    `selfdistill.ops.fused_linear_host` (shared with the Triton kernels) over the csrc kernels."""
+    return fused_linear_host.fused_linear_token_logprobs(_CsrcTokenLogprobLaunchers, hidden, weight, targets, temperature,
+                                                         chunk_rows)
 
 
 def _row_pass(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, *, loss_type, clip_low, clip_high,

@@ -43,20 +43,12 @@ def fused_linear_token_logprobs(
 
     hidden [N, H], weight [V, H] (the LM head), targets [N]. Differentiable w.r.t. hidden and
     weight. Under autograd every chunk's fp32 log-softmax stays saved until the backward, so the
-    reference holds O(N V) fp32 when it trains; the Triton variant keeps 4 floats per row and
-    recomputes each [chunk_rows, V] tile (input dtype) in its backward.
+    reference holds O(N V) fp32 when it trains; the Triton and csrc variants keep a few floats per
+    row and recompute the logits tile by tile in their backward (`selfdistill.ops.fused_linear_host`).
     """
-    return projected_by_chunks(token_logprobs, hidden, weight, targets, temperature, chunk_rows)
-
-
-def projected_by_chunks(token_logprobs_fn, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
-                        chunk_rows: int) -> tuple[Tensor, Tensor]:
-    """`token_logprobs_fn(hidden @ weight.T, targets, temperature)` over chunks of `chunk_rows` rows,
-    concatenated: the [chunk_rows, V] logits exist one chunk at a time (the torch reference and the
-    csrc backend share it)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_token_logprobs expects hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    parts = [token_logprobs_fn(hidden[s:s + chunk_rows] @ weight.t(), targets[s:s + chunk_rows], temperature)
+    parts = [token_logprobs(hidden[s:s + chunk_rows] @ weight.t(), targets[s:s + chunk_rows], temperature)
              for s in range(0, hidden.shape[0], chunk_rows)]
     if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
