@@ -10,7 +10,7 @@
 #     DEVICE=cpu WHEELS=none OUT=/tmp/o bash benchmarks/gpu_session.sh all  # rehearsal of the flow here, tiny shapes
 #
 # The lent machine has CUDA torch and triton as `python3` but no package registry: `setup` installs
-# the carried wheels and selfdistill itself (no network) into $SITE and runs everything from
+# the carried wheels and selfdistill itself (always anew; no network) into $SITE and runs everything from
 # outside the checkout, so the installed package (with selfdistill.kernels / .conf / .csrc mapped
 # in) is the one imported. BUDGET_S bounds the whole run: a step is started only with at least
 # MIN_STEP_S left and is cut at the budget, so one slow step cannot eat the device time of the rest.
@@ -45,11 +45,12 @@ setup() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl >>"$OUT/log.txt" 2>&1
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   fi
-  if ! "$PY" -c "import selfdistill.kernels, selfdistill.conf, selfdistill.csrc" 2>/dev/null; then
-    log "installing selfdistill from $ROOT into $SITE"
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" "$ROOT" >>"$OUT/log.txt" 2>&1
-    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  # always this checkout's code: a warm machine may still hold an earlier install in $SITE
+  log "installing selfdistill from $ROOT into $SITE"
+  rm -rf "$SITE"/selfdistill "$SITE"/selfdistill-*.dist-info
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" "$ROOT" >>"$OUT/log.txt" 2>&1 \
+    || { log "installing selfdistill failed (see the log)"; exit 1; }
+  case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} ;; esac
   "$PY" - <<'PY' 2>&1 | tee -a "$OUT/log.txt"
 import importlib, sys
 import torch

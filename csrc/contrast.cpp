@@ -72,6 +72,13 @@ ContrastInputs prepare(const at::Tensor& gold_logits, const at::Tensor& decoy_lo
   }
   TORCH_CHECK(kinds.dim() == 2 && kinds.size(0) == R && kinds.size(1) == K && kinds.scalar_type() == at::kChar,
               "gold_decoy_contrast: kinds must be int8 [R, K]");
+  const at::Device dev = gold_logits.device();
+  for (const at::Tensor* t : {&gold_ids, &decoy_ids, &kinds}) {
+    TORCH_CHECK(t->device() == dev, "gold_decoy_contrast: ids and kinds must be on the logits' device ", dev, ", got ",
+                t->device());
+  }
+  TORCH_CHECK(!has_decoy || decoy_logits.device() == dev, "gold_decoy_contrast: decoy_logits on ", decoy_logits.device(),
+              ", gold_logits on ", dev);
   ContrastInputs in;
   in.gold = gold_logits.stride(2) == 1 ? gold_logits : gold_logits.contiguous();
   in.decoy = has_decoy ? (decoy_logits.stride(2) == 1 ? decoy_logits : decoy_logits.contiguous()) : in.gold;
@@ -118,9 +125,8 @@ void backward_positions(const scalar_t* gold, const scalar_t* decoy, scalar_t* d
     const int64_t r = p / l.K, k = p % l.K;
     const float g = dcontrast[p] * inv_t;
     scalar_t* dg = dgold + p * l.V;
-    if (kinds[p] == 1) {  // d(z_gold - z_decoy): gold == decoy gives 0
-      dg[gid[p]] = static_cast<scalar_t>(g);
-      dg[did[p]] = static_cast<scalar_t>(static_cast<float>(dg[did[p]]) - g);
+    if (kinds[p] == 1) {  // d(z_gold - z_decoy); gold == decoy: exactly 0 (the row stays zero)
+      if (gid[p] != did[p]) dg[gid[p]] = static_cast<scalar_t>(g), dg[did[p]] = static_cast<scalar_t>(-g);
       continue;
     }
     const scalar_t* g_row = gold + r * l.stride_g_r + k * l.stride_g_k;
@@ -196,6 +202,9 @@ std::tuple<at::Tensor, at::Tensor> gold_decoy_contrast_backward(const at::Tensor
                                                                 const at::Tensor& dcontrast, double inv_temperature) {
   const ContrastInputs in = prepare(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds);
   const int64_t P = in.gold.size(0) * in.gold.size(1);
+  TORCH_CHECK(stats.device() == in.gold.device() && dcontrast.device() == in.gold.device() &&
+                  stats.numel() == P * kStats && dcontrast.numel() == P,
+              "gold_decoy_contrast_backward: stats [R, K, 4] and dcontrast [R, K] must be on the logits' device");
   auto dgold = at::zeros(in.gold.sizes(), in.gold.options());
   auto ddecoy = in.has_decoy ? at::zeros(in.gold.sizes(), in.gold.options()) : dgold;  // kind 2 needs decoy rows
   auto st = stats.contiguous(), dc = dcontrast.to(at::kFloat).contiguous();
@@ -227,6 +236,7 @@ at::Tensor clipped_mean_min_forward(const at::Tensor& values, const at::Tensor& 
   TORCH_CHECK(values.dim() == 2 && mask.sizes() == values.sizes() && mask.scalar_type() == at::kByte,
               "clipped_mean_min: values must be [R, K] with a uint8 mask of the same shape; got ", values.sizes(), " and ",
               mask.sizes());
+  TORCH_CHECK(mask.device() == values.device(), "clipped_mean_min: mask on ", mask.device(), ", values on ", values.device());
   auto x = values.to(at::kFloat).contiguous();
   auto m = mask.contiguous();
   const int64_t R = x.size(0), K = x.size(1);

@@ -59,10 +59,10 @@ __global__ void backward_kernel(const scalar_t* __restrict__ gold, const scalar_
   if (kind == 0 || g_id < 0 || g_id >= l.V || d_id < 0 || d_id >= l.V) return;
   const float g = dcontrast[p] * inv_t;
   scalar_t* dg = dgold + p * l.V;
-  if (kind == 1) {  // d(z_gold - z_decoy): gold == decoy gives 0
-    if (blockIdx.y == 0 && threadIdx.x == 0) {
+  if (kind == 1) {  // d(z_gold - z_decoy); gold == decoy: exactly 0 (the row stays zero)
+    if (blockIdx.y == 0 && threadIdx.x == 0 && g_id != d_id) {
       dg[g_id] = from_float<scalar_t>(g);
-      dg[d_id] = from_float<scalar_t>(to_float(dg[d_id]) - g);
+      dg[d_id] = from_float<scalar_t>(-g);
     }
     return;
   }

@@ -78,6 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_row_pass(
     double dual_clip, double kl_coef, double entropy_coef, double w0, double w1, int64_t kl_estimator, bool ramp, bool gspo,
     bool has_dual, bool store_coef_entropy) {
   check(logp, old_logp, advantages, mask, lengths);
+  for (const at::Tensor* t : {&old_logp, &advantages, &mask, &lengths, &ref_logp, &entropy}) {
+    TORCH_CHECK(t->numel() == 0 || t->device() == logp.device(), "policy_loss_row_pass: every input must be on logp's device ",
+                logp.device(), ", got one on ", t->device());
+  }
   TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "policy_loss_row_pass: kl_estimator must be 1, 2 or 3 (k1, k2, k3)");
   const int64_t B = logp.size(0), T = logp.size(1);
   PolicyLossArgs a{static_cast<float>(ratio_low), static_cast<float>(ratio_high), static_cast<float>(dual_clip),

@@ -145,6 +145,11 @@ at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Tensor& t
                                    const at::Tensor& entropy, const at::Tensor& dlogp, const at::Tensor& dentropy,
                                    double inv_temperature, const std::optional<at::Tensor>& out) {
   check_inputs(logits, targets);
+  for (const at::Tensor* t : {&stats, &entropy, &dlogp, &dentropy}) {
+    TORCH_CHECK(t->device() == logits.device() && t->size(0) == logits.size(0),
+                "token_logprobs_backward: stats, entropy and the upstream gradients must be [N, ...] on the logits' device ",
+                logits.device());
+  }
   auto z = logits.stride(1) == 1 ? logits : logits.contiguous();
   const int64_t N = z.size(0), V = z.size(1);
   at::Tensor dz;

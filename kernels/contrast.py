@@ -39,7 +39,8 @@ def _row_log_softmax_at(x_row, target, V, inv_temperature, BLOCK_V: tl.constexpr
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tile_max(z))
-        s = s * tl.exp(m - m_new) + tile_sum(tl.exp(z - m_new))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite logit yet: no NaN from -inf - -inf
+        s = s * tl.exp(m - ref) + tile_sum(tl.exp(z - ref))
         m = m_new
     valid = (target >= 0) & (target < V)
     z_t = tl.load(x_row + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature

@@ -44,13 +44,16 @@ def _token_logprobs_fwd_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tile_max(z))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
+        # until the first finite logit (a leading tile of banned tokens) m_new = -inf: shift by 0
+        # instead, so exp(-inf - -inf) never makes a NaN; s and a stay 0 there
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - ref)
+        e = tl.exp(z - ref)
         # -inf logits (padding of the tile, or a banned token) contribute p log p -> 0, not -inf * 0
-        zc = tl.where(e > 0.0, z - m_new, 0.0)
+        zc = tl.where(e > 0.0, z - ref, 0.0)
         # shifting the reference point from m to m_new: sum e'(z - m_new) = alpha (a + (m - m_new) s);
         # before the first finite logit s = 0 and m = -inf, where the product would be -inf * 0
-        shift = (tl.where(s > 0.0, m, m_new) - m_new) * s
+        shift = tl.where(s > 0.0, (m - ref) * s, 0.0)
         a = alpha * (a + shift) + tile_sum(e * zc)
         s = alpha * s + tile_sum(e)
         m = m_new

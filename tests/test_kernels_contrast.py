@@ -222,3 +222,28 @@ def test_strided_and_bf16_logits(impl):
     want16, _ = two_pass(g16.double(), d16.double(), gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT)
     c16, _ = impl(g16, d16, gold_ids, decoy_ids, DIVERGENT)
     assert err(c16, want16) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter evaluates both tl.where branches
+@pytest.mark.parametrize("impl", CONTRAST)
+def test_leading_tiles_of_banned_tokens_in_a_two_pass_row(impl):
+    """A later divergent position whose gold row starts with 300 -inf logits (more than one
+    256-wide interpreter tile): the log-sum-exp skips them instead of turning NaN."""
+    gold, decoy, gold_ids, decoy_ids = make_batch(4, 5, 700, seed=12, divergent=DIVERGENT)
+    gold[1, 3, :300] = float("-inf")  # row 1's position 3 is a later divergent position (two passes)
+    gold_ids[1, 3] = 450
+    want_c, _ = two_pass(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), DIVERGENT)
+    c, b = impl(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
+    assert torch.isfinite(c).all() and err(c, want_c) < 1e-5
+
+
+@pytest.mark.parametrize("impl", CONTRAST)
+def test_equal_gold_and_decoy_ids_give_zero_gradient_in_bf16(impl):
+    """A first divergent position whose gold and decoy ids coincide: d(z_g - z_d) = 0 exactly, also
+    in bf16 at a temperature (writing +g then subtracting g from the rounded value would not be 0)."""
+    gold = torch.randn(1, 2, 50, generator=torch.Generator().manual_seed(13)).bfloat16().requires_grad_(True)
+    ids = torch.tensor([[7, 9]])
+    divergent = torch.tensor([[True, False]])
+    c, _ = impl(gold, None, ids, ids.clone(), divergent, 0.7)
+    c.sum().backward()
+    assert c[0, 0].item() == 0.0 and torch.count_nonzero(gold.grad) == 0

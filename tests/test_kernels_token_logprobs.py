@@ -111,6 +111,23 @@ def test_banned_tokens_at_minus_inf_give_finite_values_and_zero_gradient():
     assert torch.all(grad[banned] == 0) and torch.isfinite(grad).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter evaluates both tl.where branches
+def test_leading_tiles_of_banned_tokens_are_skipped_not_nan():
+    """Rows whose first vocabulary tiles (256 wide under the interpreter) hold only -inf: the online
+    log-sum-exp has no finite logit yet there, and must not form -inf - -inf. Same values and
+    gradients as the fp64 formula over the finite logits."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 700, generator=gen)
+    x[0, :300] = float("-inf")  # one whole tile and part of the next
+    x[1, :512] = float("-inf")  # exactly two tiles
+    targets = torch.tensor([400, 600, 5])
+    logp, ent, grad = run_with_grads(kernels.token_logprobs, x, targets, 0.9, torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    for r, cut in ((0, 300), (1, 512), (2, 0)):
+        want_logp, want_ent = formula(x[r:r + 1, cut:].double(), targets[r:r + 1] - cut, 0.9)
+        assert err(logp[r:r + 1], want_logp) < 1e-5 and err(ent[r:r + 1], want_ent) < 1e-5, r
+    assert torch.isfinite(grad).all() and torch.all(grad[0, :300] == 0) and torch.all(grad[1, :512] == 0)
+
+
 def test_target_outside_vocabulary_gives_nan_not_a_wild_read():
     x = torch.randn(3, 50)
     logp, ent = kernels.token_logprobs(x, torch.tensor([3, 50, -1]))

@@ -50,25 +50,35 @@ class TokenLogprobLaunchers(Protocol):
                  temperature: float, out: Tensor) -> Tensor: ...
 
 
+def _fp32_accumulating_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(fp32 acc, low-precision a, b, out_dtype=float32)` works here: probed
+    once on tiny tensors (the overload is CUDA-only and newer than torch 2.8), so a failure of the
+    real call (out of memory, say) is never mistaken for a missing overload."""
+    global _FP32_ACCUMULATING_ADDMM
+    if _FP32_ACCUMULATING_ADDMM is None:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        try:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _FP32_ACCUMULATING_ADDMM = bool(torch.equal(acc, torch.full_like(acc, 3.0)))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_ACCUMULATING_ADDMM = False
+    return _FP32_ACCUMULATING_ADDMM
+
+
 def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc (fp32) += a @ b, accumulating in fp32 even for bf16/fp16 a and b.
 
-    On CUDA, torch>=2.8's `addmm(out_dtype=float32)` lets cuBLAS add the low-precision product
-    into the fp32 accumulator directly; where that overload is missing, the product is formed in
-    the input dtype (fp32 accumulation inside the GEMM, one rounding) and added.
+    On CUDA, torch's `addmm(out_dtype=float32)` lets cuBLAS add the low-precision product into the
+    fp32 accumulator directly; where that overload is missing, the product is formed in the input
+    dtype (fp32 accumulation inside the GEMM, one rounding per call) and added.
     """
-    global _FP32_ACCUMULATING_ADDMM
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-        return
-    if a.is_cuda and _FP32_ACCUMULATING_ADDMM is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _FP32_ACCUMULATING_ADDMM = True
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _FP32_ACCUMULATING_ADDMM = False
-    acc.add_(a @ b)
+    elif a.is_cuda and _fp32_accumulating_addmm(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 def forward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
