@@ -53,7 +53,7 @@ def _token_logprobs_fwd_kernel(
         zc = tl.where(e > 0.0, z - ref, 0.0)
         # shifting the reference point from m to m_new: sum e'(z - m_new) = alpha (a + (m - m_new) s);
         # before the first finite logit s = 0 and m = -inf, where the product would be -inf * 0
-        shift = tl.where(s > 0.0, (m - ref) * s, 0.0)
+        shift = (tl.where(s > 0.0, m, ref) - ref) * s
         a = alpha * (a + shift) + tile_sum(e * zc)
         s = alpha * s + tile_sum(e)
         m = m_new
