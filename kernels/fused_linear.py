@@ -1,7 +1,7 @@
 """Log-prob and entropy straight from hidden states and the LM head (SPEC section 8).
 
 `logits = hidden @ weight.T` is never materialised for all N rows: the chunking, the matmuls and
-autograd are `selfdistill.ops.fused_linear_host` (shared with the csrc extension); this module
+autograd are `selfdistill.ops.logprob_host` (shared with the csrc extension); this module
 supplies the Triton token-logprob kernels as its launchers. Their backward overwrites each
 recomputed logits tile in place with d(loss)/d(logits). Memory besides inputs and returned
 gradients: one [chunk_rows, V] tile in the input dtype and an fp32 accumulator of min(N, V) x H
@@ -12,20 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from selfdistill.kernels.token_logprobs import token_logprobs_backward, token_logprobs_forward
-from selfdistill.kernels.utils import check_launchable, check_temperature
-from selfdistill.ops import fused_linear_host
-
-
-class _TritonLaunchers:
-    @staticmethod
-    def forward(logits, targets, temperature):
-        logp, entropy, lse_parts = token_logprobs_forward(logits, targets, temperature)
-        return logp, entropy, lse_parts.t()  # [n, 2] rows: (row max, log sum)
-
-    @staticmethod
-    def backward(logits, targets, stats, entropy, dlogp, dentropy, temperature, out):
-        return token_logprobs_backward(logits, targets, stats.t(), entropy, dlogp, dentropy, temperature, out=out)
+from selfdistill.kernels.token_logprobs import TritonLaunchers
+from selfdistill.kernels.utils import check_launchable
+from selfdistill.ops import logprob_host
 
 
 def fused_linear_token_logprobs(
@@ -36,6 +25,5 @@ def fused_linear_token_logprobs(
     hidden [N, H], weight [V, H] (same dtype), targets [N]; returns fp32 (logp [N], entropy [N]),
     differentiable w.r.t. hidden and weight. `chunk_rows` bounds the logits tile.
     """
-    check_temperature("fused_linear_token_logprobs", temperature)
     check_launchable("fused_linear_token_logprobs", hidden, weight, targets)
-    return fused_linear_host.fused_linear_token_logprobs(_TritonLaunchers, hidden, weight, targets, temperature, chunk_rows)
+    return logprob_host.fused_linear_token_logprobs(TritonLaunchers, hidden, weight, targets, temperature, chunk_rows)

@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from selfdistill.kernels.utils import check_launchable, check_temperature, num_warps_for, tile_max, tile_sum, unit_column_stride, vocab_block
+from selfdistill.kernels.utils import check_launchable, num_warps_for, tile_max, tile_sum, vocab_block
+from selfdistill.ops import logprob_host
+from selfdistill.ops.logprob_host import unit_column_stride
 
 
 @triton.jit
@@ -133,19 +135,17 @@ def token_logprobs_backward(
     return out
 
 
-class TokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float):
-        logp, entropy, lse_parts = token_logprobs_forward(logits, targets, temperature)
-        ctx.save_for_backward(logits, targets, lse_parts, entropy)
-        ctx.temperature = temperature
-        return logp, entropy
+class TritonLaunchers:
+    """These kernels as `selfdistill.ops.logprob_host` launchers (stats [n, 2] = (row max, log sum))."""
 
     @staticmethod
-    def backward(ctx, dlogp: Tensor, dentropy: Tensor):
-        logits, targets, lse_parts, entropy = ctx.saved_tensors
-        dlogits = token_logprobs_backward(logits, targets, lse_parts, entropy, dlogp, dentropy, ctx.temperature)
-        return dlogits, None, None
+    def forward(logits, targets, temperature):
+        logp, entropy, lse_parts = token_logprobs_forward(logits, targets, temperature)
+        return logp, entropy, lse_parts.t()
+
+    @staticmethod
+    def backward(logits, targets, stats, entropy, dlogp, dentropy, temperature, out):
+        return token_logprobs_backward(logits, targets, stats.t(), entropy, dlogp, dentropy, temperature, out=out)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_rows: int = 1024) -> tuple[Tensor, Tensor]:
@@ -155,8 +155,5 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, ch
     two are interchangeable; the kernel needs no row chunking (it never upcasts more than a tile).
     A target outside [0, V) gives logp = NaN (fail closed) instead of an out-of-bounds read.
     """
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"token_logprobs expects logits [N, V] and targets [N]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    check_temperature("token_logprobs", temperature)
     check_launchable("token_logprobs", logits, targets)
-    return TokenLogprobsFunction.apply(logits, targets, float(temperature))
+    return logprob_host.token_logprobs(TritonLaunchers, logits, targets, temperature)

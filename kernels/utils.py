@@ -62,20 +62,10 @@ def num_warps_for(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def unit_column_stride(x: Tensor) -> Tensor:
-    """`x` itself when its last dimension is contiguous (row strides are passed to the kernels)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def as_kernel_mask(mask: Tensor) -> Tensor:
     """A contiguous mask Triton can load (bool pointers are stored as bytes)."""
     mask = mask.contiguous()
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-
-
-def check_temperature(op: str, temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"{op}: temperature must be > 0, got {temperature!r}")
 
 
 # Reductions of a 1-D tile to a scalar. triton.language's tl.sum / tl.max / tl.min (and tl.zeros)

@@ -1,5 +1,5 @@
 """Fused `fused_linear_token_logprobs`: log-probs from hidden + LM head, through the shared chunked
-host side (selfdistill/ops/fused_linear_host.py) over the Triton kernels (kernels/fused_linear.py)
+host side (selfdistill/ops/logprob_host.py) over the Triton kernels (kernels/fused_linear.py)
 and, in the fp64 comparison, over the csrc kernels' CPU path too.
 
 Against an independent fp64 formula (full logits, log_softmax), CPU interpreter, fp32 inputs;

@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from selfdistill.ops.logprob_host import unit_column_stride
 from selfdistill.ops.reference import contrast_position_kinds, masked_finite_sum
 
 
@@ -49,10 +50,6 @@ def check_contrast_inputs(gold_logits, decoy_logits, gold_ids, decoy_ids, diverg
         raise ValueError(f"gold_decoy_contrast: temperature must be > 0, got {temperature!r}")
 
 
-def _unit_vocab_stride(x: Tensor | None) -> Tensor | None:
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
-
-
 class _ContrastFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, launchers, gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, temperature):
@@ -79,7 +76,7 @@ def gold_decoy_contrast(
     check_contrast_inputs(gold_logits, decoy_logits, gold_ids, decoy_ids, divergent, temperature)
     kinds = contrast_position_kinds(divergent, decoy_logits is not None).to(torch.int8).contiguous()
     contrast = _ContrastFunction.apply(
-        launchers, _unit_vocab_stride(gold_logits), _unit_vocab_stride(decoy_logits), gold_ids.long().contiguous(),
+        launchers, unit_column_stride(gold_logits), None if decoy_logits is None else unit_column_stride(decoy_logits), gold_ids.long().contiguous(),
         decoy_ids.long().contiguous(), kinds, float(temperature),
     )
     return contrast, masked_finite_sum(contrast, divergent.bool())

@@ -1,13 +1,13 @@
 """The `cuda` backend of `selfdistill.ops`: the C++/CUDA extension in `csrc/`, built on first use.
 
-`torch.utils.cpp_extension.load` compiles `csrc/token_logprobs.cpp` (CPU path) and, where torch
-sees a GPU, `csrc/token_logprobs_cuda.cu` (with `-DWITH_CUDA`) into the torch extensions cache
+`torch.utils.cpp_extension.load` compiles the `.cpp` files of `csrc/` (CPU paths) and, where torch
+sees a GPU, the `_cuda.cu` kernels (with `-DWITH_CUDA`) into the torch extensions cache
 (`TORCH_EXTENSIONS_DIR`); later runs reuse the build. It needs a C++ compiler and ninja (the `dev`
 extra installs ninja), plus nvcc for the CUDA path.
 
 Ops provided (every op of `selfdistill.ops`): `token_logprobs` and, through it,
-`fused_linear_token_logprobs` (the chunked host side `selfdistill.ops.fused_linear_host`, shared
-with the Triton kernels: logits never exist for all rows); `policy_loss` (the csrc row pass under the host side shared
+`fused_linear_token_logprobs` (the host side `selfdistill.ops.logprob_host`, shared with the
+Triton kernels: logits never exist for all rows); `policy_loss` (the csrc row pass under the host side shared
 with the Triton kernel, `selfdistill.ops.row_pass_loss`); `gold_decoy_contrast` and
 `clipped_mean_min` (csrc launchers under `selfdistill.ops.contrast_host`, shared likewise).
 """
@@ -21,10 +21,9 @@ import os
 import torch
 from torch import Tensor
 
-from selfdistill.ops import contrast_host, fused_linear_host
+from selfdistill.ops import contrast_host, logprob_host
 from selfdistill.ops.reference import MIN_WEIGHT, RAMP_W0, RAMP_W1, REWARD_CLIP
 from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, fused_policy_loss
-
 
 
 def _csrc_dir() -> str:
@@ -46,12 +45,12 @@ def sources(with_cuda: bool) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled module (built once per process, cached on disk across processes)."""
-    missing = [p for p in sources(torch.cuda.is_available()) if not os.path.isfile(p)]
+    with_cuda = torch.cuda.is_available()
+    missing = [p for p in sources(with_cuda) if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"ops.backend=cuda: extension sources {missing} are not installed; reinstall selfdistill")
     from torch.utils.cpp_extension import load
 
-    with_cuda = torch.cuda.is_available()
     # torch rebuilds when a listed source changes, not a header: name the build by every file's content
     digest = hashlib.sha1()
     for name in sorted(os.listdir(_csrc_dir())):
@@ -67,34 +66,8 @@ def extension():
     )
 
 
-class TokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature):
-        logp, entropy, stats = extension().token_logprobs_forward(logits, targets, 1.0 / temperature)
-        ctx.save_for_backward(logits, targets, stats, entropy)
-        ctx.inv_t = 1.0 / temperature
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, dlogp, dentropy):
-        logits, targets, stats, entropy = ctx.saved_tensors
-        dlogp = torch.zeros_like(entropy) if dlogp is None else dlogp
-        dentropy = torch.zeros_like(entropy) if dentropy is None else dentropy
-        dlogits = extension().token_logprobs_backward(logits, targets, stats, entropy, dlogp, dentropy, ctx.inv_t)
-        return dlogits, None, None
-
-
-def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Same contract as `selfdistill.ops.reference.token_logprobs`: fp32 (logp [N], entropy [N])."""
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"token_logprobs expects logits [N, V] and targets [N]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"token_logprobs: temperature={temperature} must be > 0")
-    return TokenLogprobsFunction.apply(logits, targets.long(), float(temperature))
-
-
 class _CsrcTokenLogprobLaunchers:
-    """The csrc kernels as `selfdistill.ops.fused_linear_host` launchers (stats [n, 2] = (max z, log d))."""
+    """The csrc kernels as `selfdistill.ops.logprob_host` launchers (stats [n, 2] = (max z, log d))."""
 
     @staticmethod
     def forward(logits, targets, temperature):
@@ -105,11 +78,16 @@ class _CsrcTokenLogprobLaunchers:
         return extension().token_logprobs_backward(logits, targets, stats, entropy, dlogp, dentropy, 1.0 / temperature, out)
 
 
+def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Same contract as `selfdistill.ops.reference.token_logprobs`: fp32 (logp [N], entropy [N])."""
+    return logprob_host.token_logprobs(_CsrcTokenLogprobLaunchers, logits, targets, temperature)
+
+
 def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                                 chunk_rows: int = 1024) -> tuple[Tensor, Tensor]:
     """`token_logprobs(hidden @ weight.T, targets)` without [N, V] logits: the chunked host side of
-    `selfdistill.ops.fused_linear_host` (shared with the Triton kernels) over the csrc kernels."""
-    return fused_linear_host.fused_linear_token_logprobs(_CsrcTokenLogprobLaunchers, hidden, weight, targets, temperature,
+    `selfdistill.ops.logprob_host` (shared with the Triton kernels) over the csrc kernels."""
+    return logprob_host.fused_linear_token_logprobs(_CsrcTokenLogprobLaunchers, hidden, weight, targets, temperature,
                                                          chunk_rows)
 
 

@@ -44,7 +44,7 @@ def fused_linear_token_logprobs(
     hidden [N, H], weight [V, H] (the LM head), targets [N]. Differentiable w.r.t. hidden and
     weight. Under autograd every chunk's fp32 log-softmax stays saved until the backward, so the
     reference holds O(N V) fp32 when it trains; the Triton and csrc variants keep a few floats per
-    row and recompute the logits tile by tile in their backward (`selfdistill.ops.fused_linear_host`).
+    row and recompute the logits tile by tile in their backward (`selfdistill.ops.logprob_host`).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_token_logprobs expects hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")

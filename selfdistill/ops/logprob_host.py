@@ -1,6 +1,8 @@
-"""Host side of the fused-linear token log-probs, shared by the Triton kernels
-(`kernels/fused_linear.py`) and the csrc extension (`selfdistill/ops/cuda_ext.py`): chunking, the
-matmuls, autograd. Each backend supplies its token-logprob launchers (`TokenLogprobLaunchers`).
+"""Host side of the fused token log-probs, shared by the Triton kernels (`kernels/token_logprobs.py`,
+`kernels/fused_linear.py`) and the csrc extension (`selfdistill/ops/cuda_ext.py`): input checks,
+chunking, the matmuls, autograd. Each backend supplies its token-logprob launchers
+(`TokenLogprobLaunchers`), which `token_logprobs` runs on logits [N, V] and
+`fused_linear_token_logprobs` on logits tiles it projects from hidden states.
 
 `logits = hidden @ weight.T` never exists for all N rows at once (SPEC section 8).
 
@@ -35,19 +37,24 @@ from torch import Tensor
 _FP32_ACCUMULATING_ADDMM: bool | None = None  # whether torch.addmm(..., out_dtype=float32) works here
 
 
+def unit_column_stride(x: Tensor) -> Tensor:
+    """`x` itself when its last dimension is contiguous (the kernels take row strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class TokenLogprobLaunchers(Protocol):
     """A backend's token-logprob kernels on one logits tile [n, V] (any float dtype, contiguous rows).
 
     `forward` -> fp32 (logp [n], entropy [n], stats [n, S]): S floats per row for the backward.
     `backward` -> d(loss)/d(logits) [n, V] in the logits' dtype, written into `out` (which may be
-    the logits tile itself); the tile may be a vocabulary slice: `targets` are then shifted by the
+    the logits tile itself) or, for out=None, a new tensor; the tile may be a vocabulary slice: `targets` are then shifted by the
     slice's first column (out-of-slice targets never match a column) and `stats` / `entropy` are
     those of the full rows."""
 
     def forward(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]: ...
 
     def backward(self, logits: Tensor, targets: Tensor, stats: Tensor, entropy: Tensor, dlogp: Tensor, dentropy: Tensor,
-                 temperature: float, out: Tensor) -> Tensor: ...
+                 temperature: float, out: Tensor | None) -> Tensor: ...
 
 
 def _fp32_accumulating_addmm(device: torch.device, dtype: torch.dtype) -> bool:
@@ -141,6 +148,32 @@ def backward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, t
             addmm_fp32_(dw_acc, dlogits.t(), h)
     dweight = None if dw_acc is None else (dw_acc.to(weight.dtype) if low_precision else dw_acc)
     return dhidden, dweight
+
+
+class _TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, launchers, logits, targets, temperature):
+        logp, entropy, stats = launchers.forward(logits, targets, temperature)
+        ctx.save_for_backward(logits, targets, stats, entropy)
+        ctx.launchers, ctx.temperature = launchers, temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, dlogp, dentropy):
+        logits, targets, stats, entropy = ctx.saved_tensors  # unused outputs get zero grads (materialised)
+        dlogits = ctx.launchers.backward(logits, targets, stats, entropy, dlogp.contiguous().float(),
+                                         dentropy.contiguous().float(), ctx.temperature, out=None)
+        return None, dlogits, None, None
+
+
+def token_logprobs(launchers: TokenLogprobLaunchers, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """fp32 (logp [N], entropy [N]) of `logits` [N, V] at `temperature` through `launchers`; the
+    contract of `selfdistill.ops.reference.token_logprobs`, differentiable w.r.t. the logits."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"token_logprobs expects logits [N, V] and targets [N]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature!r}")
+    return _TokenLogprobsFunction.apply(launchers, unit_column_stride(logits), targets.long().contiguous(), float(temperature))
 
 
 class _FusedLinearFunction(torch.autograd.Function):
