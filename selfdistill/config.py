@@ -137,6 +137,9 @@ class StageOptimConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     batch_size: int = 32  # sft: sequences per step; grpo: prompts per step
+    # Rows per forward/backward; gradients of a step's micro-batches are accumulated (exact loss
+    # weights, selfdistill.algo.update). null = the whole (mini)batch in one pass.
+    micro_batch_size: Optional[int] = None
     grad_clip: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
 
@@ -226,6 +229,9 @@ def validate(cfg: Config | DictConfig) -> None:
             raise ConfigError(f"{name}.steps={st.steps} and {name}.warmup_steps={st.warmup_steps} must be >= 0")
         if st.batch_size < 1:
             raise ConfigError(f"{name}.batch_size={st.batch_size} must be >= 1")
+        if st.micro_batch_size is not None and st.micro_batch_size < 1:
+            raise ConfigError(f"{name}.micro_batch_size={st.micro_batch_size} must be >= 1 (rows per forward/backward) "
+                              "or null (the whole batch at once)")
     a = cfg.algo
     if not (0 <= a.clip_low < 1):
         raise ConfigError(f"algo.clip_low={a.clip_low} must be in [0, 1)")

@@ -172,7 +172,8 @@ def uneven_batch():
 
 def uneven_rows(out: str) -> None:
     """One policy update where the ranks hold different numbers of rows (as after zero-std
-    filtering): 5 + 1, and 6 + 0 (the empty rank joins with a zero-weight filler row). Rank 0 saves
+    filtering): 5 + 1, and 6 + 0 (the empty rank joins with a zero-weight filler row), and 5 + 1 in
+    micro-batches of 2 rows (gradient accumulation, unequal micro-batch counts). Rank 0 saves
     the updated weights; without torchrun, engine=single on all 6 rows saves the reference."""
     from selfdistill.algo import grpo
 
@@ -185,17 +186,21 @@ def uneven_rows(out: str) -> None:
     batch, adv = uneven_batch()
     for name in engines:
         for loss_type in ("grpo", "dapo"):
-            for first in ((5, 6) if distributed else (6,)):
+            # (rows on rank 0, micro-batch size): 5 + 1 rows in micro-batches of 2 gives rank 0 three
+            # micro-batches and rank 1 one, so rank 1 adds two zero-weight passes.
+            for first, mbs in (((5, None), (6, None), (5, 2)) if distributed else ((6, None),)):
                 engine, tokenizer = make_engine(name)
                 engine.cfg.algo.loss_type = loss_type
                 keep = torch.arange(6) < first if engine.rank == 0 else torch.arange(6) >= first
                 sub, sub_adv = grpo.select_rows(batch, adv, keep)
                 filler = grpo.select_rows(batch, adv, torch.arange(6) == 0)[0]
-                applied, metrics = grpo.policy_update(engine, sub, sub_adv, tokenizer.pad_token_id, engine.cfg, 0, None, filler)
+                applied, metrics = grpo.policy_update(engine, sub, sub_adv, tokenizer.pad_token_id, engine.cfg, 0, None, filler,
+                                                      micro_batch_size=mbs)
                 w = weights(engine)
                 if engine.is_main:
                     assert applied == 1, applied
-                    torch.save({"weights": w, "grad_norm": metrics["grad_norm"]}, os.path.join(out, f"uneven-{name}-{loss_type}-{first}.pt"))
+                    tag = f"{first}" if mbs is None else f"{first}-mb{mbs}"
+                    torch.save({"weights": w, "grad_norm": metrics["grad_norm"]}, os.path.join(out, f"uneven-{name}-{loss_type}-{tag}.pt"))
                 del engine
     if distributed:
         dist.destroy_process_group()

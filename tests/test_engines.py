@@ -253,7 +253,9 @@ def test_guarded_step_holds_for_every_engine(tmp_path):
 def test_ranks_with_unequal_rows_update_like_one_process(tmp_path):
     """Zero-std filtering leaves ranks with different numbers of rows (5 + 1, or 6 + 0): each rank's
     loss is weighted by its share of the global rows (grpo) or tokens (dapo), an empty rank joins
-    the step with a zero-weight row, and the update equals one process on all 6 rows."""
+    the step with a zero-weight row, and the update equals one process on all 6 rows; also with
+    micro-batches of 2 rows (gradients accumulated; DDP / FSDP2 sync once, DeepSpeed accumulates to
+    its boundary), where rank 1 pads its one micro-batch with two zero-weight passes."""
     helper = os.path.join(ROOT, "tests", "dist_helpers.py")
     _run([sys.executable, helper, "uneven_rows", str(tmp_path)], cwd=tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", helper, "uneven_rows",
@@ -261,7 +263,7 @@ def test_ranks_with_unequal_rows_update_like_one_process(tmp_path):
     for loss_type in ("grpo", "dapo"):
         ref = torch.load(tmp_path / f"uneven-single-{loss_type}-6.pt", weights_only=True)
         for engine in ENGINES:
-            for first in (5, 6):
+            for first in ("5", "6", "5-mb2"):
                 got = torch.load(tmp_path / f"uneven-{engine}-{loss_type}-{first}.pt", weights_only=True)
                 # The global gradient norm (before clipping) sees the loss scale; Adam's first step
                 # (~lr * sign(g)) sees the direction, up to elements whose gradient is near eps.

@@ -38,6 +38,10 @@ def test_wheel_layout(wheel_names):
                  "selfdistill/csrc/online_lse_cuda.cuh", "selfdistill/csrc/online_lse.h"):
         assert need in names, need
     assert not any(n.startswith("tests/") for n in names)
+    # every module of the source tree ships (a subpackage missing from pyproject's list would not)
+    for path in glob.glob(os.path.join(ROOT, "selfdistill", "**", "*.py"), recursive=True):
+        rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+        assert rel in names, f"{rel} is not in the wheel: add its package to pyproject.toml [tool.setuptools] packages"
 
 
 def test_console_scripts(wheel_names):

@@ -14,6 +14,7 @@ from torch import Tensor
 from selfdistill import ops
 from selfdistill.algo.advantages import group_centered, meta_weight, reward_metrics, route_advantages, zero_std_stats
 from selfdistill.algo.logprobs import completion_logprobs
+from selfdistill.algo.update import LossTerm, row_chunks, run_update
 from selfdistill.config import Config
 from selfdistill.rewards.regions import meta_regions
 from selfdistill.rollout.base import MetaMode, RolloutBatch, rollout_seed
@@ -75,86 +76,55 @@ def select_rows(batch: RolloutBatch, adv: Tensor, keep: Tensor) -> tuple[Rollout
     return sub, adv[idx]
 
 
-def loss_denominator(loss_type: str, loss_mask: Tensor) -> float:
-    """What `policy_loss` divides a minibatch's summed token losses by: rows for grpo, gspo and
-    dr_grpo (dr_grpo's constant length cancels), loss tokens for dapo."""
-    return float((loss_mask != 0).sum()) if loss_type == "dapo" else float(loss_mask.shape[0])
-
-
 @torch.no_grad()
-def reference_logprobs(ref_model, batch: RolloutBatch, pad_id: int, temperature: float) -> Tensor | None:
-    """Per-token log-probs [R, T] of the rollouts under the frozen reference (the KL term); None for
-    no rows."""
+def reference_logprobs(ref_model, batch: RolloutBatch, pad_id: int, temperature: float,
+                       micro_batch_size: int | None = None) -> Tensor | None:
+    """Per-token log-probs [R, T] of the rollouts under the frozen reference (the KL term), in
+    micro-batches of `micro_batch_size` rows; None for no rows. The reference is a plain model on
+    every rank (no collectives), so ranks may run different numbers of these forwards."""
     if len(batch) == 0:
         return None
-    logp, _ = completion_logprobs(ref_model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id, temperature)
-    return logp
+    parts = []
+    for rows in row_chunks(len(batch), micro_batch_size):
+        r = rows.tolist()
+        logp, _ = completion_logprobs(ref_model, [batch.prompt_ids[i] for i in r], batch.completion_ids[rows],
+                                      batch.completion_mask[rows], pad_id, temperature)
+        parts.append(logp)
+    return torch.cat(parts)
+
+
+def policy_loss_term(cfg: Config, token_adv: Tensor, batch: RolloutBatch, device, ref_logp: Tensor | None = None,
+                     coef: float = 1.0) -> LossTerm:
+    """The clipped policy loss of SPEC section 5 (progressive weights, section 7) as an update term.
+    Its denominator is rows for grpo / gspo / dr_grpo (dr_grpo's constant length cancels) and
+    loss-mask tokens for dapo."""
+    a = cfg.algo
+    token_adv, loss_mask, lengths = token_adv.to(device), batch.loss_mask.to(device), batch.lengths.to(device)
+    ref_logp = ref_logp.to(device) if ref_logp is not None else None
+
+    def fn(rows: Tensor, out) -> tuple[Tensor, dict[str, Tensor]]:
+        return ops.dispatched_policy_loss(
+            out.logp, out.old_logp, token_adv[rows], loss_mask[rows], lengths[rows],
+            ref_logp=ref_logp[rows] if ref_logp is not None else None, entropy=out.entropy,
+            loss_type=a.loss_type, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+            token_weighting=a.token_weighting, max_len_norm=a.max_len_norm or cfg.rollout.max_new_tokens,
+        )
+
+    return LossTerm("policy", coef, per_token=a.loss_type == "dapo", fn=fn)
 
 
 def policy_update(engine, batch: RolloutBatch, token_adv: Tensor, pad_id: int, cfg: Config, step: int,
-                  ref_logp: Tensor | None = None, filler: RolloutBatch | None = None) -> tuple[int, dict[str, float]]:
-    """PPO-style epochs x minibatches of the clipped loss. Returns (optimizer steps applied, metrics).
-    `ref_logp`: the reference's per-token log-probs of these rows (`reference_logprobs`) for the KL term.
-
-    Under data parallelism every rank takes the same number of optimizer steps and each step's loss
-    is the one a single process would compute on the global minibatch: a rank's loss is weighted by
-    its share of the global denominator (rows, or tokens for dapo), so ranks holding different
-    numbers of rows (zero-std filtering) still average to the global mean. A rank with no rows in a
-    minibatch runs a zero-weight pass on one row (of `filler` when it has none of its own) so it still
-    joins the collectives.
-    """
-    a, model, temp = cfg.algo, engine.model, cfg.rollout.temperature
-    device = engine.device
-    R = len(batch)
-    filler = batch if R else filler  # a rank with rows pads its own empty minibatches
-    if filler is None:
-        raise ValueError("policy_update: this rank has no rows; pass `filler` (one row) so it can join the step")
-    old_logp = None
-    if R and (a.ppo_epochs > 1 or a.num_minibatches > 1):
-        with torch.no_grad():
-            old_logp, _ = completion_logprobs(model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id, temp)
-    if ref_logp is not None:
-        ref_logp = ref_logp.to(device)
-    loss_mask = batch.loss_mask.to(device)
-    lengths = batch.lengths.to(device)
-    token_adv = token_adv.to(device)
-    applied, sums, count = 0, {}, 0
-    for _ in range(a.ppo_epochs):
-        for rows in torch.arange(R).tensor_split(a.num_minibatches):
-            local = loss_denominator(a.loss_type, loss_mask[rows]) if rows.numel() else 0.0
-            total = engine.reduce_sum({"d": local})["d"] if engine.world_size > 1 else local
-            if total == 0:  # no rows (or, for dapo, no tokens) on any rank: every rank skips alike
-                continue
-            if rows.numel() == 0:
-                _zero_weight_pass(engine, filler, pad_id, temp)
-            else:
-                r = rows.tolist()
-                logp, entropy = completion_logprobs(
-                    model, [batch.prompt_ids[i] for i in r], batch.completion_ids[rows], batch.completion_mask[rows], pad_id, temp, with_entropy=True,
-                )
-                old = old_logp[rows] if old_logp is not None else logp.detach()
-                loss, stats = ops.dispatched_policy_loss(
-                    logp, old, token_adv[rows], loss_mask[rows], lengths[rows],
-                    ref_logp=ref_logp[rows] if ref_logp is not None else None, entropy=entropy,
-                    loss_type=a.loss_type, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
-                    kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-                    token_weighting=a.token_weighting, max_len_norm=a.max_len_norm or cfg.rollout.max_new_tokens,
-                )
-                if engine.world_size > 1:  # exactly 1.0 when the ranks' shares are equal
-                    loss = loss * (local * engine.world_size / total)
-                engine.backward(loss)
-                count += 1
-                for k, v in {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            ok, grad_norm = engine.step(float(loss.detach()) if rows.numel() else 0.0, step + applied)
-            applied += int(ok)
-            if rows.numel():
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-    return applied, {k: v / max(count, 1) for k, v in sums.items()}
-
-
-def _zero_weight_pass(engine, filler: RolloutBatch, pad_id: int, temp: float) -> None:
-    """Forward and backward one row with weight 0: gradients of zero, but the rank takes part in the
-    sharded forward (FSDP2 / ZeRO-3 gathers) and the gradient reduction like its peers."""
-    logp, _ = completion_logprobs(engine.model, filler.prompt_ids[:1], filler.completion_ids[:1], filler.completion_mask[:1], pad_id, temp)
-    engine.backward(logp.sum() * 0.0)  # logp is 0 off the completion mask
+                  ref_logp: Tensor | None = None, filler: RolloutBatch | None = None, *,
+                  extra_terms: tuple[LossTerm, ...] = (), policy_coef: float = 1.0,
+                  micro_batch_size: int | None = None) -> tuple[int, dict[str, float]]:
+    """PPO-style epochs x minibatches of the clipped loss (plus `extra_terms`, e.g. a distillation
+    loss), each minibatch in micro-batches of `micro_batch_size` rows (default `grpo.micro_batch_size`).
+    Returns (optimizer steps applied, metrics). `ref_logp`: the reference's per-token log-probs of
+    these rows (`reference_logprobs`) for the KL term. Loss weighting across micro-batches and ranks:
+    `selfdistill.algo.update`."""
+    terms = [policy_loss_term(cfg, token_adv, batch, engine.device, ref_logp, policy_coef), *extra_terms]
+    return run_update(engine, batch, terms, pad_id=pad_id, temperature=cfg.rollout.temperature,
+                      ppo_epochs=cfg.algo.ppo_epochs, num_minibatches=cfg.algo.num_minibatches,
+                      micro_batch_size=micro_batch_size if micro_batch_size is not None else cfg.grpo.micro_batch_size,
+                      step=step, filler=filler)

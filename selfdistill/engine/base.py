@@ -84,6 +84,16 @@ class Engine:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def accumulation(self, last: bool):
+        """Around one micro-batch's forward and backward: gradients are synchronised across ranks only
+        on the `last` micro-batch of an optimizer step (earlier ones accumulate locally)."""
+        if last:
+            yield
+            return
+        with self.no_sync():
+            yield
+
     def generation_context(self):
         """Context in which the full parameters are available for `generate` (FSDP2/ZeRO-3 gather)."""
         return contextlib.nullcontext()
@@ -160,6 +170,15 @@ class Engine:
             return dict(values)
         sums, counts = self._reduce(values)
         return {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
+
+    def reduce_max(self, values: dict[str, float]) -> dict[str, float]:
+        """Max over ranks of each key (every rank must pass the same keys and call it)."""
+        if not self.distributed:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return dict(zip(keys, t.tolist()))
 
     def reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum over ranks (a missing key counts as 0). Every rank must call it."""

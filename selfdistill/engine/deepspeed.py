@@ -129,6 +129,18 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
+    def accumulation(self, last: bool):
+        """DeepSpeed's own gradient accumulation: a micro-batch that is not the `last` of the step is
+        not an accumulation boundary, so its gradients are accumulated and `step` applies them once.
+        (The config keeps gradient_accumulation_steps=1, so DeepSpeed does not rescale the loss: the
+        update loop weights each micro-batch itself.)"""
+        self.model.set_gradient_accumulation_boundary(last)
+        try:
+            yield
+        finally:
+            self.model.set_gradient_accumulation_boundary(True)
+
+    @contextlib.contextmanager
     def generation_context(self):
         """ZeRO-3: gather every parameter once for the rollout phase, partition again after.
 
