@@ -11,11 +11,13 @@ is decided on token ids: `common.divergent_positions`, and it makes the tensor r
 
 PMI guards, on the text between M's tags: it contains the gold answer string or the rollout's own
 boxed answer string literally and standalone, or it copies its continuation (>= 8 words and >= 25%
-of its distinct word 8-grams among C's word 8-grams).
+of its distinct word 8-grams among C's word 8-grams). "Standalone": not next to an ASCII letter,
+an ASCII digit, `_`, or a `.` that is followed by an ASCII digit.
 """
 
 from __future__ import annotations
 
+import string
 from typing import Optional
 
 BELIEF_HEADS = ("pmi", "gm", "pmi_shift")
@@ -26,16 +28,21 @@ MIN_WORDS = 8
 # >= 25% of distinct meta 8-grams found in C, compared on integer counts: 4 * hits >= total.
 COPY_NUM, COPY_DEN = 1, 4
 
+_ASCII_ALNUM = frozenset(string.ascii_letters + string.digits)
+_ASCII_DIGITS = frozenset(string.digits)
+
 
 def _blocks_standalone(ch: str, char_after_it: Optional[str]) -> bool:
-    """Does neighbour `ch` make a match non-standalone? Letters, digits and `_` always do; a `.`
-    does only when it is followed by a digit (a decimal point): "16." at the end of a sentence is
-    standalone, "16.5" is not a match for "16". `char_after_it` is the character right after
-    `ch` in the text (None at the end of the text)."""
-    if ch.isalnum() or ch == "_":
+    """Does neighbour `ch` make a match non-standalone? ASCII letters and digits (`[A-Za-z0-9]`,
+    SPEC section 2) and `_` always do; a `.` does only when it is followed by an ASCII digit (a
+    decimal point): "16." at the end of a sentence is standalone, "16.5" is not a match for "16".
+    Other characters never block, `str.isalnum` ones included: "16²", "16.²", "é16", "16½" are
+    standalone matches of "16". `char_after_it` is the character right after `ch` in the text
+    (None at the end of the text)."""
+    if ch in _ASCII_ALNUM or ch == "_":
         return True
     if ch == ".":
-        return char_after_it is not None and char_after_it.isdigit()
+        return char_after_it is not None and char_after_it in _ASCII_DIGITS
     return False
 
 
