@@ -37,6 +37,7 @@ from selfdistill.eval import evaluate, merge_rank_results
 from selfdistill.metrics import MetricsLogger
 from selfdistill.models import load_model_and_tokenizer, meta_token_ids
 from selfdistill.rewards.grader import Grader
+from selfdistill.rewards.regions import rollout_outside_meta_texts
 from selfdistill.rewards.registry import get_reward
 from selfdistill.rewards.scoring import compute_reward_heads
 from selfdistill.rollout import build_rollout_backend
@@ -236,7 +237,7 @@ class Trainer:
             times["rollout"] = time.perf_counter() - t0
             t = time.perf_counter()
             golds = [ex.gold for ex in exs for _ in range(cfg.rollout.n)]
-            grades = torch.tensor(self.grader.grade(batch.texts, golds))
+            grades = torch.tensor(self.grader.grade(rollout_outside_meta_texts(batch, self.tokenizer, self.meta_ids), golds))
             times["grade"] = time.perf_counter() - t
             t = time.perf_counter()
             with self._scorer() as scorer:
@@ -273,8 +274,7 @@ class Trainer:
 
     def _scores(self) -> bool:
         """The reward arm runs scorer passes (PMI, gm, belief open/close)."""
-        spec = get_reward(self.cfg.reward.name)
-        return bool(spec.needs_pmi_passes or spec.needs_gm_passes or spec.needs_belief_open_close)
+        return get_reward(self.cfg.reward.name).needs_scorer
 
     def _needs_reference(self) -> bool:
         """A frozen reference is needed for the KL term or for an arm that runs scorer passes."""
@@ -287,7 +287,6 @@ class Trainer:
         return {
             "reward": float(r.mean()), "reward_std": float(r.std(1).mean()), "accuracy": float(correct.mean()),
             "completions/mean_length": float(lengths.mean()), "completions/clipped_ratio": float(batch.truncated.float().mean()) if batch.truncated is not None else 0.0,
-            "meta/emission_rate": float(torch.tensor(["<|meta|>" in t for t in batch.texts]).float().mean()),
             **upd, **adv_metrics, **reward_metrics,
         }
 
