@@ -15,7 +15,8 @@ import pytest
 
 from selfdistill.models import build_char_tokenizer, meta_token_ids
 from selfdistill.rewards.grader import Grader, GraderError, extract_boxed_answer
-from selfdistill.rewards.regions import outside_meta_texts
+from selfdistill.rewards.regions import outside_meta_texts, rollout_outside_meta_texts
+from tests.meta_helpers import rollout_batch, spelled, tagged
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +24,7 @@ TOK = build_char_tokenizer()
 
 
 def pieces(text: str) -> list[str]:
-    return outside_meta_texts([TOK(text, add_special_tokens=False)["input_ids"]], TOK, meta_token_ids(TOK))[0]
+    return outside_meta_texts([tagged(TOK, text)], TOK, meta_token_ids(TOK))[0]
 
 
 def one_piece(texts: list[str]) -> list[list[str]]:
@@ -80,6 +81,59 @@ def test_outside_meta_segments():
     assert pieces("plain") == ["plain"]
 
 
+# SPEC section 1, boxed answers: spaces before `{`, escaped braces, boxes straddling a meta tag.
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed {7}", "7"),
+    ("\\boxed   {7}", "7"),
+    ("\\boxed \t {7}", "7"),
+    ("\\boxed\n{7}", None),  # only spaces (and tabs) may stand between \boxed and its {
+    ("\\boxed x {7}", None),
+])
+def test_spec_1_spaces_before_the_brace(text, expected):
+    assert extract_boxed_answer([text]) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed{\\{1\\}}", "\\{1\\}"),
+    ("\\boxed{a\\}b}", "a\\}b"),  # \} is content: the box closes at the plain }
+    ("\\boxed{\\{}", "\\{"),
+    ("\\boxed{\\{ x}", "\\{ x"),  # an escaped { opens nothing
+    ("\\boxed{2} \\boxed{\\}", "2"),  # \} cannot close: the last box is unclosed, the earlier wins
+])
+def test_spec_1_escaped_braces_are_content(text, expected):
+    assert extract_boxed_answer([text]) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed{6} \\boxed{7<|meta|>x<|/meta|>}", "6"),  # opens before a block, closes after it
+    ("\\boxed{6} <|meta|>\\boxed{7<|/meta|>}", "6"),  # opens inside a block, closes outside
+    ("\\boxed{6} \\boxed{7<|meta|> x}", "6"),  # the rest is an unclosed block
+    ("<|meta|>\\boxed{7<|/meta|>}", None),
+])
+def test_spec_1_a_box_straddling_a_meta_tag_is_no_answer(text, expected):
+    assert extract_boxed_answer(pieces(text)) == expected
+
+
+TAGGED_TEXT = "\\boxed{1} <|meta|>\\boxed{2}<|/meta|>"  # box 2 is inside a block when the tags are tokens
+
+
+def test_a_spelled_out_tag_is_ordinary_text_for_the_answer():
+    real, fake = tagged(TOK, TAGGED_TEXT), spelled(TOK, TAGGED_TEXT)
+    assert TOK.decode(real) == TOK.decode(fake) == TAGGED_TEXT  # the same text, different tokens
+    real_pieces, fake_pieces = outside_meta_texts([real, fake], TOK, meta_token_ids(TOK))
+    assert extract_boxed_answer(real_pieces) == "1"
+    assert fake_pieces == [TAGGED_TEXT] and extract_boxed_answer(fake_pieces) == "2"
+    # a box straddling a spelled-out tag is one box of text
+    straddling = spelled(TOK, "\\boxed{7<|meta|>x}")
+    assert extract_boxed_answer(outside_meta_texts([straddling], TOK, meta_token_ids(TOK))[0]) == "7<|meta|>x"
+
+
+def test_bare_text_is_refused():
+    with pytest.raises(TypeError, match="outside-meta text pieces"):
+        extract_boxed_answer("\\boxed{1}")
+
+
 # ----------------------------------------------------------------------------- grading
 
 @pytest.fixture(scope="module")
@@ -122,6 +176,19 @@ def test_batch_with_duplicates_and_counters(grader):
     assert grader.grade([], []) == []
     with pytest.raises(ValueError, match="2 completions but 1 golds"):
         grader.grade(one_piece(["a", "b"]), ["1"])
+
+
+def test_grading_reads_tags_from_token_ids_only(grader):
+    """SPEC section 1: only the special tokens are tags. The same decoded text graded from the
+    special tokens (box 2 is inside a block: answer 1) and from spelled-out characters (no block:
+    answer 2), both through the trainer's path (`rollout_outside_meta_texts`)."""
+    batch = rollout_batch(TOK, [tagged(TOK, TAGGED_TEXT), spelled(TOK, TAGGED_TEXT)], group_ids=[0, 1])
+    assert batch.texts[0] == batch.texts[1]
+    texts = rollout_outside_meta_texts(batch, TOK, meta_token_ids(TOK))
+    assert grader.grade(texts, ["1", "1"]) == [1, 0]
+    assert grader.grade(texts, ["2", "2"]) == [0, 1]
+    with pytest.raises(TypeError, match="item 0"):
+        grader.grade(batch.texts, ["1", "1"])  # a decoded text is refused: it cannot tell the two apart
 
 
 def test_pathological_input_times_out_and_pool_recovers(grader):
