@@ -49,7 +49,7 @@ from selfdistill.rewards.base import correct_from_grades
 from selfdistill.rewards.common import belief, divergent_positions, mean_or_zero
 from selfdistill.rewards.grader import extract_boxed_answer
 from selfdistill.rewards.guards import NONMEMBER_REASONS, UNSCORABLE_PAIR, membership_reason
-from selfdistill.rewards.regions import MetaRegions, content_ids, content_regions, meta_structure_metrics, outside_meta_texts
+from selfdistill.rewards.regions import MetaRegions, content_regions, meta_structure_metrics, outside_meta_texts
 from selfdistill.rewards.registry import (
     CONTEXT_PREFIX,
     CONTEXT_PREFIX_META,
@@ -394,5 +394,4 @@ def value_metrics(head: str, values: Tensor) -> dict[str, float]:
     }
 
 
-__all__ = ["AnswerPair", "TeacherForcedPasses", "answer_pair", "answer_text", "content_ids", "meta_structure_metrics",
-           "score_meta_head", "value_metrics"]
+__all__ = ["AnswerPair", "TeacherForcedPasses", "answer_pair", "answer_text", "score_meta_head", "value_metrics"]
