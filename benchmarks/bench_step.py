@@ -157,6 +157,7 @@ def all_meta_scoring(arm: str, sft_ckpt: str, overrides: list[str], rollouts: in
     from selfdistill.models import load_model_and_tokenizer, meta_token_ids
     from selfdistill.rewards.grader import extract_boxed_answer
     from selfdistill.rewards.meta_scorer import score_meta_head
+    from selfdistill.rewards.regions import rollout_outside_meta_texts
     from selfdistill.rollout.base import RolloutBatch
 
     cfg = compose([f"experiment={arm}", *overrides])
@@ -179,7 +180,8 @@ def all_meta_scoring(arm: str, sft_ckpt: str, overrides: list[str], rollouts: in
         group_ids, with_arm, examples = torch.arange(R), torch.ones(R, dtype=torch.bool), exs
     batch = RolloutBatch([encode_prompt(tok, e, cfg.data.system_prompt) for e in exs], ids, mask, torch.zeros_like(mask),
                          group_ids, with_arm, [e.solution for e in exs])
-    grades = torch.tensor([1 if extract_boxed_answer(e.solution) == e.gold else 0 for e in exs])
+    answers = [extract_boxed_answer(p) for p in rollout_outside_meta_texts(batch, tok, meta_token_ids(tok))]
+    grades = torch.tensor([1 if a == e.gold else 0 for a, e in zip(answers, exs)])
     times, metrics = [], {}
     for _ in range(reps + 1):
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ from collections import defaultdict
 from tqdm.auto import tqdm
 
 from selfdistill.data import Example, encode_prompt
+from selfdistill.models import meta_token_ids
+from selfdistill.rewards.regions import content_regions, meta_emitted, rollout_outside_meta_texts
 from selfdistill.rollout.base import MetaMode
 
 
@@ -16,20 +18,22 @@ def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tok
     """Generate one completion per example (greedy by default), grade, and aggregate."""
     if not examples:
         raise ValueError("evaluation split is empty: set data.eval_path or data.synthetic.num_eval")
+    meta_ids = meta_token_ids(tokenizer)
     correct: list[int] = []
-    meta_emitted: list[bool] = []
+    emitted: list[bool] = []
     bar = tqdm(total=len(examples), desc=prefix, disable=not progress, leave=False)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in chunk]
         batch = backend.generate(prompts, [MetaMode.ALLOW] * len(chunk), max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=1.0, greedy=greedy)
-        grades = grader.grade(batch.texts, [ex.gold for ex in chunk])
+        grades = grader.grade(rollout_outside_meta_texts(batch, tokenizer, meta_ids), [ex.gold for ex in chunk])
         correct.extend(int(g == 1) for g in grades)
-        meta_emitted.extend("<|meta|>" in t for t in batch.texts)
+        _, regions = content_regions(batch, tokenizer.eos_token_id, meta_ids)
+        emitted.extend(meta_emitted(regions, batch.with_arm.cpu()).tolist())
         bar.update(len(chunk))
     bar.close()
-    out = {f"{prefix}/accuracy": sum(correct) / len(correct), f"{prefix}/meta_emission_rate": sum(meta_emitted) / len(meta_emitted),
+    out = {f"{prefix}/accuracy": sum(correct) / len(correct), f"{prefix}/meta_emission_rate": sum(emitted) / len(emitted),
            f"{prefix}/n": float(len(correct))}
     for key, attr in (("domain", "domain"), ("band", "difficulty")):
         groups: dict[str, list[int]] = defaultdict(list)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from math_verify import parse, verify
 
-from selfdistill.data.decoys import DecoyError, decoy_candidates, make_decoy
+from selfdistill.data.decoys import DecoyError, _raw_candidates, decoy_candidates, make_decoy
 
 SPREAD = [
     "0", "1", "16", "-3", "-0", "007", "100000000000000000000", "2.5", "-0.75", ".5",
@@ -102,3 +102,23 @@ def test_deterministic_across_processes():
     out = subprocess.run([sys.executable, "-c", code, json.dumps(golds)], env=env,
                          capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [make_decoy(g, 7) for g in golds]
+
+
+@pytest.mark.parametrize("gold", ["\\frac{0}{5}", "\\frac{-0}{3}", "-\\dfrac{0}{7}", "0", "-0", "0.0"])
+def test_no_sign_flip_when_gold_is_numerically_zero_spec_3(gold):
+    """SPEC section 3: no sign flip for a gold that is numerically 0, fractions included, in the raw
+    candidate list itself (not only after math-verify drops the flip as equal to gold)."""
+    raw = _raw_candidates(gold)
+    flip = gold[1:] if gold.startswith("-") else f"-{gold}"
+    assert flip not in raw
+    assert not any(c.startswith("-\\") and c.lstrip("-") == gold.lstrip("-") for c in raw)
+
+
+def test_zero_fraction_candidates_spec_3():
+    # swap b/a and a+1 only; the flip is gone
+    assert _raw_candidates("\\frac{0}{5}") == ["\\frac{5}{0}", "\\frac{1}{5}"]
+    assert _raw_candidates("\\frac{-0}{3}") == ["\\frac{3}{0}", "\\frac{1}{3}"]
+    assert _raw_candidates("-\\dfrac{0}{7}") == ["-\\dfrac{7}{0}", "-\\dfrac{1}{7}"]
+    # a non-zero fraction still gets its flip, last
+    assert _raw_candidates("\\frac{1}{5}")[-1] == "-\\frac{1}{5}"
+    assert _raw_candidates("-\\dfrac{2}{7}")[-1] == "\\dfrac{2}{7}"

@@ -1,5 +1,11 @@
 """Correctness grading (SPEC section 1): boxed extraction outside meta blocks, math-verify
-equivalence in worker processes, and timeouts / crashes that return -1 without blocking."""
+equivalence in worker processes, and timeouts / crashes that return -1 without blocking.
+
+The grader reads each completion as its outside-meta text pieces, cut at the tag tokens
+(`outside_meta_texts`). `pieces(text)` encodes a test text with the char tokenizer (which turns
+the written `<|meta|>` / `<|/meta|>` into the tag tokens) and cuts it that way; a text without
+tags is one piece, `[text]`.
+"""
 
 import importlib
 import textwrap
@@ -7,10 +13,22 @@ import time
 
 import pytest
 
-from selfdistill.rewards.grader import (Grader, GraderError, extract_boxed_answer,
-                                        outside_meta_segments)
+from selfdistill.models import build_char_tokenizer, meta_token_ids
+from selfdistill.rewards.grader import Grader, GraderError, extract_boxed_answer
+from selfdistill.rewards.regions import outside_meta_texts, rollout_outside_meta_texts
+from tests.meta_helpers import rollout_batch, spelled, tagged
 
 pytestmark = pytest.mark.timeout(120)
+
+TOK = build_char_tokenizer()
+
+
+def pieces(text: str) -> list[str]:
+    return outside_meta_texts([tagged(TOK, text)], TOK, meta_token_ids(TOK))[0]
+
+
+def one_piece(texts: list[str]) -> list[list[str]]:
+    return [[t] for t in texts]
 
 HANG = "9^{9^{9^{9}}}"
 
@@ -33,7 +51,7 @@ HANG = "9^{9^{9^{9}}}"
     ("\\boxed{}", ""),
 ])
 def test_extract_boxed(text, expected):
-    assert extract_boxed_answer(text) == expected
+    assert extract_boxed_answer([text]) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -53,14 +71,67 @@ def test_extract_boxed(text, expected):
     ("\\boxed{6} \\boxed{7<|meta|>x<|/meta|>}", "6"),
 ])
 def test_extract_boxed_outside_meta(text, expected):
-    assert extract_boxed_answer(text) == expected
+    assert extract_boxed_answer(pieces(text)) == expected
 
 
 def test_outside_meta_segments():
-    assert outside_meta_segments("a<|meta|>b<|/meta|>c") == ["a", "c"]
-    assert outside_meta_segments("a<|meta|>b<|meta|>c<|/meta|>d<|/meta|>e") == ["a", "d<|/meta|>e"]
-    assert outside_meta_segments("a<|meta|>b") == ["a"]
-    assert outside_meta_segments("plain") == ["plain"]
+    assert pieces("a<|meta|>b<|/meta|>c") == ["a", "c"]
+    assert pieces("a<|meta|>b<|meta|>c<|/meta|>d<|/meta|>e") == ["a", "d<|/meta|>e"]
+    assert pieces("a<|meta|>b") == ["a"]
+    assert pieces("plain") == ["plain"]
+
+
+# SPEC section 1, boxed answers: spaces before `{`, escaped braces, boxes straddling a meta tag.
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed {7}", "7"),
+    ("\\boxed   {7}", "7"),
+    ("\\boxed \t {7}", "7"),
+    ("\\boxed\n{7}", None),  # only spaces (and tabs) may stand between \boxed and its {
+    ("\\boxed x {7}", None),
+])
+def test_spec_1_spaces_before_the_brace(text, expected):
+    assert extract_boxed_answer([text]) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed{\\{1\\}}", "\\{1\\}"),
+    ("\\boxed{a\\}b}", "a\\}b"),  # \} is content: the box closes at the plain }
+    ("\\boxed{\\{}", "\\{"),
+    ("\\boxed{\\{ x}", "\\{ x"),  # an escaped { opens nothing
+    ("\\boxed{2} \\boxed{\\}", "2"),  # \} cannot close: the last box is unclosed, the earlier wins
+])
+def test_spec_1_escaped_braces_are_content(text, expected):
+    assert extract_boxed_answer([text]) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed{6} \\boxed{7<|meta|>x<|/meta|>}", "6"),  # opens before a block, closes after it
+    ("\\boxed{6} <|meta|>\\boxed{7<|/meta|>}", "6"),  # opens inside a block, closes outside
+    ("\\boxed{6} \\boxed{7<|meta|> x}", "6"),  # the rest is an unclosed block
+    ("<|meta|>\\boxed{7<|/meta|>}", None),
+])
+def test_spec_1_a_box_straddling_a_meta_tag_is_no_answer(text, expected):
+    assert extract_boxed_answer(pieces(text)) == expected
+
+
+TAGGED_TEXT = "\\boxed{1} <|meta|>\\boxed{2}<|/meta|>"  # box 2 is inside a block when the tags are tokens
+
+
+def test_a_spelled_out_tag_is_ordinary_text_for_the_answer():
+    real, fake = tagged(TOK, TAGGED_TEXT), spelled(TOK, TAGGED_TEXT)
+    assert TOK.decode(real) == TOK.decode(fake) == TAGGED_TEXT  # the same text, different tokens
+    real_pieces, fake_pieces = outside_meta_texts([real, fake], TOK, meta_token_ids(TOK))
+    assert extract_boxed_answer(real_pieces) == "1"
+    assert fake_pieces == [TAGGED_TEXT] and extract_boxed_answer(fake_pieces) == "2"
+    # a box straddling a spelled-out tag is one box of text
+    straddling = spelled(TOK, "\\boxed{7<|meta|>x}")
+    assert extract_boxed_answer(outside_meta_texts([straddling], TOK, meta_token_ids(TOK))[0]) == "7<|meta|>x"
+
+
+def test_bare_text_is_refused():
+    with pytest.raises(TypeError, match="outside-meta text pieces"):
+        extract_boxed_answer("\\boxed{1}")
 
 
 # ----------------------------------------------------------------------------- grading
@@ -89,7 +160,7 @@ def test_equivalent_forms(grader):
         ("\\boxed{ 7 }", " 7", 1),  # fast path, stripped
     ]
     texts, golds, expected = zip(*cases)
-    assert grader.grade(list(texts), list(golds)) == list(expected)
+    assert grader.grade([pieces(t) for t in texts], list(golds)) == list(expected)
 
 
 def test_batch_with_duplicates_and_counters(grader):
@@ -97,26 +168,39 @@ def test_batch_with_duplicates_and_counters(grader):
     texts = [f"\\boxed{{{i % 5}}}" for i in range(200)]
     golds = [str(i % 3) for i in range(200)]
     start = time.monotonic()
-    results = grader.grade(texts, golds)
+    results = grader.grade(one_piece(texts), golds)
     assert results == [int(i % 5 == i % 3) for i in range(200)]
     assert time.monotonic() - start < 10
     assert grader.graded == before + 200
     assert set(grader.metrics()) == {"grader/graded", "grader/timeouts", "grader/crashes"}
     assert grader.grade([], []) == []
     with pytest.raises(ValueError, match="2 completions but 1 golds"):
-        grader.grade(["a", "b"], ["1"])
+        grader.grade(one_piece(["a", "b"]), ["1"])
+
+
+def test_grading_reads_tags_from_token_ids_only(grader):
+    """SPEC section 1: only the special tokens are tags. The same decoded text graded from the
+    special tokens (box 2 is inside a block: answer 1) and from spelled-out characters (no block:
+    answer 2), both through the trainer's path (`rollout_outside_meta_texts`)."""
+    batch = rollout_batch(TOK, [tagged(TOK, TAGGED_TEXT), spelled(TOK, TAGGED_TEXT)], group_ids=[0, 1])
+    assert batch.texts[0] == batch.texts[1]
+    texts = rollout_outside_meta_texts(batch, TOK, meta_token_ids(TOK))
+    assert grader.grade(texts, ["1", "1"]) == [1, 0]
+    assert grader.grade(texts, ["2", "2"]) == [0, 1]
+    with pytest.raises(TypeError, match="item 0"):
+        grader.grade(batch.texts, ["1", "1"])  # a decoded text is refused: it cannot tell the two apart
 
 
 def test_pathological_input_times_out_and_pool_recovers(grader):
-    grader.grade(["\\boxed{1}"], ["2"])  # pool warm: startup is not part of the deadline
+    grader.grade(one_piece(["\\boxed{1}"]), ["2"])  # pool warm: startup is not part of the deadline
     timeouts = grader.timeouts
     start = time.monotonic()
-    results = grader.grade([f"\\boxed{{{HANG}}}", "\\boxed{0.25}"], ["3", "\\frac{1}{4}"])
+    results = grader.grade(one_piece([f"\\boxed{{{HANG}}}", "\\boxed{0.25}"]), ["3", "\\frac{1}{4}"])
     elapsed = time.monotonic() - start
     assert results == [-1, 1]
     assert elapsed < grader.timeout_s + 1.0, elapsed
     assert grader.timeouts == timeouts + 1
-    assert grader.grade(["\\boxed{\\frac{2}{4}}", "\\boxed{1}"], ["0.5", "2"]) == [1, 0]
+    assert grader.grade(one_piece(["\\boxed{\\frac{2}{4}}", "\\boxed{1}"]), ["0.5", "2"]) == [1, 0]
 
 
 # A scripted check for the worker-side failure modes. It lives in a tiny module of its own so
@@ -147,7 +231,7 @@ def scripted(tmp_path_factory):
         mp.syspath_prepend(str(folder))  # workers get the parent's sys.path
         module = importlib.import_module("selfdistill_scripted_check")
         with Grader(timeout_s=1.0, workers=2, equivalent=module.scripted_equivalent) as g:
-            g.grade(["\\boxed{a}"], ["A"])  # wait for the pool
+            g.grade(one_piece(["\\boxed{a}"]), ["A"])  # wait for the pool
             yield g
 
 
@@ -156,19 +240,19 @@ def scripted(tmp_path_factory):
 def test_worker_failures_return_minus_one(scripted, answer, counter):
     before = getattr(scripted, counter)
     start = time.monotonic()
-    results = scripted.grade([f"\\boxed{{{answer}}}", "\\boxed{b}", "\\boxed{c}"],
+    results = scripted.grade(one_piece([f"\\boxed{{{answer}}}", "\\boxed{b}", "\\boxed{c}"]),
                              ["x", "B", "d"])
     elapsed = time.monotonic() - start
     assert results == [-1, 1, 0]
     assert getattr(scripted, counter) == before + 1
     assert elapsed < scripted.timeout_s + 1.0, elapsed
     # The pool keeps working (the dead worker's replacement starts in the background).
-    assert scripted.grade(["\\boxed{e}", "\\boxed{f}"], ["E", "g"]) == [1, 0]
+    assert scripted.grade(one_piece(["\\boxed{e}", "\\boxed{f}"]), ["E", "g"]) == [1, 0]
 
 
 def test_every_worker_hanging_at_once(scripted):
     start = time.monotonic()
-    results = scripted.grade(["\\boxed{hang}", "\\boxed{crash}", "\\boxed{q}"],
+    results = scripted.grade(one_piece(["\\boxed{hang}", "\\boxed{crash}", "\\boxed{q}"]),
                              ["1", "2", "Q"])
     assert results == [-1, -1, 1]
     # Both workers die; the last item waits for a replacement to start (forked from the
@@ -179,13 +263,13 @@ def test_every_worker_hanging_at_once(scripted):
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_start_methods_and_close(start_method):
     g = Grader(timeout_s=5.0, workers=1, start_method=start_method)
-    assert g.grade(["\\boxed{0.5}", "\\boxed{2}"], ["\\frac{1}{2}", "3"]) == [1, 0]
+    assert g.grade(one_piece(["\\boxed{0.5}", "\\boxed{2}"]), ["\\frac{1}{2}", "3"]) == [1, 0]
     procs = [w.proc for w in g._workers]
     g.close()
     g.close()  # idempotent
     assert not any(p.is_alive() for p in procs)
     with pytest.raises(GraderError, match="closed"):
-        g.grade(["\\boxed{1}"], ["1"])
+        g.grade(one_piece(["\\boxed{1}"]), ["1"])
 
 
 def test_rejects_bad_arguments():
@@ -197,7 +281,7 @@ def test_rejects_bad_arguments():
         Grader(start_method="fork")
     with Grader(workers=1) as g:
         with pytest.raises(TypeError, match="item 1"):
-            g.grade(["\\boxed{1}", None], ["1", "2"])
+            g.grade([["\\boxed{1}"], None], ["1", "2"])
 
 
 def test_workers_that_cannot_start_raise_instead_of_hanging(tmp_path, monkeypatch):
@@ -209,6 +293,6 @@ def test_workers_that_cannot_start_raise_instead_of_hanging(tmp_path, monkeypatc
     (tmp_path / "selfdistill_vanishing_check.py").unlink()
     with Grader(workers=1, equivalent=check, start_method="spawn") as g:
         with pytest.raises(GraderError, match="before becoming ready, 3 times in a row"):
-            g.grade(["\\boxed{1}"], ["2"])
+            g.grade(one_piece(["\\boxed{1}"]), ["2"])
         with pytest.raises(GraderError, match="3 times in a row"):  # and stays broken
-            g.grade(["\\boxed{1}"], ["2"])
+            g.grade(one_piece(["\\boxed{1}"]), ["2"])

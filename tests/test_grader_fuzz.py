@@ -32,10 +32,10 @@ def test_hostile_answers_return_within_deadline_and_pool_survives():
         for start in range(0, len(completions), 10):
             chunk = completions[start:start + 10]
             t0 = time.monotonic()
-            grades = grader.grade(chunk, ["16"] * len(chunk))
+            grades = grader.grade([[c] for c in chunk], ["16"] * len(chunk))  # one outside-meta piece each
             elapsed = time.monotonic() - t0
             assert all(g in (-1, 0, 1) for g in grades)
             assert not any(g == 1 for g in grades)  # none of them equals 16
             # one deadline per item, two workers, plus worker restarts: bounded, never a hang
             assert elapsed < len(chunk) * timeout_s + 15, elapsed
-        assert grader.grade(["\\boxed{16}", "\\boxed{\\frac{32}{2}}", "\\boxed{15}"], ["16", "16", "16"]) == [1, 1, 0]
+        assert grader.grade([["\\boxed{16}"], ["\\boxed{\\frac{32}{2}}"], ["\\boxed{15}"]], ["16", "16", "16"]) == [1, 1, 0]

@@ -16,6 +16,7 @@ from selfdistill.rewards import meta_scorer
 from selfdistill.rewards.common import gate
 from selfdistill.rewards.meta_scorer import PLACEBO_BLOCK, TeacherForcedPasses, answer_pair, score_meta_head
 from selfdistill.rollout.base import RolloutBatch
+from tests.meta_helpers import spelled, tagged
 
 BELIEF_ARMS = ("pmi", "gm", "pmi_shift")
 TOL = 2e-4  # fp32 model: batched right-padded forwards vs one unpadded full forward
@@ -343,3 +344,26 @@ def test_counterfactual_arms_need_no_scorer_and_count_cases():
     assert (m["cf/groups_meta_hurt"], m["cf/groups_meta_helped"], m["cf/groups_solved_without"]) == (1, 1, 2)
     # emission counts the with arm only (a without-arm rollout's forced placebo is not the policy's)
     assert m["reward/skip_rate"] == 0.0 and m["meta/emission_rate"] == 1.0 and m["meta/blocks_per_rollout"] == 1.0
+
+
+# ----------------------------------------------------------------------------- one grammar
+
+def test_a_spelled_out_tag_is_text_for_membership_and_pmi_guards(lm):
+    """SPEC section 1: only the special tokens are tags, for the scorer's P / M / C split and for
+    the boxed answer PMI's guard compares with M (read from the token-cut outside-meta pieces)."""
+    model, tok, mids = lm
+    examples = [ex("16", "17")]
+    first = tagged(tok, "x <|meta|>it was 7<|/meta|> so 16 ")
+    rows = [
+        (0, first + tagged(tok, "<|meta|>\\boxed{7}<|/meta|>")),  # box 7 inside a block: no boxed answer
+        (0, first + spelled(tok, "<|meta|>\\boxed{7}<|/meta|>")),  # the same text; box 7 is the answer
+        (0, spelled(tok, "x <|meta|>it was 7<|/meta|> so \\boxed{16}")),  # no block at all
+    ]
+    batch = make_batch(tok, examples, rows)
+    assert batch.texts[0] == batch.texts[1]
+    for arm in BELIEF_ARMS:
+        values, _, m = score_meta_head(RewardConfig(name=arm), batch, torch.tensor([0, 0, 1]), examples, model, tok, mids)
+        assert torch.isnan(values).tolist() == [False, arm == "pmi", True], arm
+        assert m[f"reward/{arm}/nonmember/boxed_in_meta"] == pytest.approx(1 / 3 if arm == "pmi" else 0.0)
+        assert m[f"reward/{arm}/nonmember/no_closed_block"] == pytest.approx(1 / 3)
+        assert m["meta/emission_rate"] == pytest.approx(2 / 3) and m["meta/blocks_per_rollout"] == pytest.approx(1.0)

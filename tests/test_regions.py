@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from selfdistill.rewards.regions import meta_block_spans, meta_regions
+from selfdistill.rewards.regions import meta_block_spans, meta_emitted, meta_regions, meta_structure_metrics
 
 O, C, PAD = 100, 101, 0  # <|meta|>, <|/meta|>, padding
 
@@ -137,3 +137,56 @@ def test_vectorised_regions_match_the_automaton():
         closed = [s for s in spans if s[1] is not None]
         assert r.first_closed_start[b].item() == (closed[0][0] if closed else -1)
         assert r.first_closed_end[b].item() == (closed[0][1] if closed else -1)
+
+
+# ----------------------------------------------------------------------------- spans, pieces, metrics
+
+def reference_spans(row):
+    """SPEC section 1's automaton, one token at a time: an independent second implementation."""
+    spans, start = [], None
+    for i, tok in enumerate(row):
+        if start is None and tok == O:
+            start = i
+        elif start is not None and tok == C:
+            spans.append((start, i))
+            start = None
+    return spans + ([(start, None)] if start is not None else [])
+
+
+def test_block_and_outside_spans_match_the_per_token_automaton():
+    rng = random.Random(1)
+    rows = [[rng.choice([O, C, 1, 2, 3]) for _ in range(rng.randint(0, 12))] for _ in range(300)]
+    r = regions_of(rows)
+    for b, row in enumerate(rows):
+        spans = reference_spans(row)
+        assert r.block_spans(b) == spans
+        # pieces: everything outside the blocks, cut at them, in order
+        expected, pos = [], 0
+        for s, e in spans:
+            expected.append((pos, s))
+            pos = len(row) if e is None else e + 1
+        if not spans or spans[-1][1] is not None:
+            expected.append((pos, len(row)))
+        assert r.outside_spans(b) == expected
+
+
+def test_outside_spans_hand_worked():
+    r = regions_of([[5, O, 6, C, 7, C, O, O, 8, C, 9], [5, O, 6], [C, 5]])
+    assert r.outside_spans(0) == [(0, 1), (4, 6), (10, 11)]  # the stray C at 5 is text in the middle piece
+    assert r.outside_spans(1) == [(0, 1)]  # unclosed: nothing after it
+    assert r.outside_spans(2) == [(0, 2)]
+    assert r.opening[0].nonzero().flatten().tolist() == [1, 6] and r.closing[0].nonzero().flatten().tolist() == [3, 9]
+
+
+def test_meta_structure_metrics_count_with_arm_rollouts_from_token_ids():
+    # rows: two blocks (6 meta tokens), none, unclosed (3 meta tokens), and a without-arm row whose
+    # (forced) block is not the policy's
+    r = regions_of([[O, 1, C, O, 2, C, 3], [1, 2], [1, O, 2, 3], [O, 4, C, 5]])
+    m = meta_structure_metrics(r, torch.tensor([True, True, True, False]))
+    assert m == {"meta/emission_rate": pytest.approx(2 / 3), "meta/blocks_per_rollout": pytest.approx(3 / 3),
+                 "meta/mean_len": pytest.approx((6 + 3) / 2)}
+    assert meta_emitted(r, torch.tensor([True, True, True, False])).tolist() == [True, False, True]
+    empty = meta_structure_metrics(r, torch.zeros(4, dtype=torch.bool))
+    assert empty == {"meta/emission_rate": 0.0, "meta/blocks_per_rollout": 0.0, "meta/mean_len": 0.0}
+    with pytest.raises(ValueError, match="with_arm"):
+        meta_emitted(r, torch.ones(3, dtype=torch.bool))

@@ -83,3 +83,22 @@ def test_membership_errors():
         belief_membership_reason("cf", has_closed_block=True, meta_text="a", continuation_text="b")
     with pytest.raises(ValueError, match="gold"):
         belief_membership_reason("pmi", has_closed_block=True, meta_text="a", continuation_text="b")
+
+
+@pytest.mark.parametrize(
+    "text, needle, expected",
+    [
+        # SPEC section 2: "digit" and "letter" mean ASCII [0-9] and [A-Za-z]; other characters that
+        # Python calls alphanumeric (superscripts, vulgar fractions, accented letters) do not block.
+        ("16²", "16", True),
+        ("16.²", "16", True),  # "." followed by a non-ASCII digit still counts as standalone
+        ("é16", "16", True),
+        ("16½", "16", True),
+        ("x٣16", "16", True),  # an Arabic-Indic digit on the left
+        ("16.٣", "16", True),
+        ("Z16", "16", False),  # ASCII letters and digits still block
+        ("16.9", "16", False),
+    ],
+)
+def test_contains_standalone_ascii_neighbours_spec_2(text, needle, expected):
+    assert contains_standalone(text, needle) is expected

@@ -3,7 +3,23 @@
 import pytest
 
 from selfdistill import config
-from selfdistill.rewards import REWARDS, asym_cf_reward, cf_reward, get_reward, gm_reward, pmi_reward, pmi_shift_reward
+import inspect
+
+from selfdistill.rewards import (
+    CONTEXT_PREFIX,
+    CONTEXT_PREFIX_META,
+    CONTEXT_PREFIX_PLACEBO,
+    REWARDS,
+    TARGET_ANSWERS,
+    TARGET_CONTINUATION,
+    asym_cf_reward,
+    cf_reward,
+    get_reward,
+    gm_reward,
+    pmi_guard_reason,
+    pmi_reward,
+    pmi_shift_reward,
+)
 
 
 def test_registry_matches_config_choices():
@@ -33,13 +49,21 @@ def test_entries():
         spec = get_reward(name)
         assert spec.meta_fn is fn and spec.meta_route == route
         assert spec.heads == ("correctness", name)
-    assert get_reward("pmi").needs_pmi_passes and get_reward("pmi").uses_agg
-    assert get_reward("gm").needs_gm_passes
-    assert get_reward("pmi_shift").needs_belief_open_close
-    assert get_reward("cf").needs_split_arms and get_reward("asym_cf").needs_split_arms
-    assert all(get_reward(n).needs_text_membership for n in ("pmi", "gm", "pmi_shift"))
-    assert not any(get_reward(n).needs_text_membership for n in ("base", "cf", "asym_cf"))
-    # exactly one pass family per belief head, none for the rest
+    # The passes each entry declares (SPEC section 2) are the ones the scorer runs for it.
+    pmi = get_reward("pmi").passes
+    assert pmi.target == TARGET_CONTINUATION and pmi.contexts == (
+        ("real", CONTEXT_PREFIX_META), ("without", CONTEXT_PREFIX), ("placebo", CONTEXT_PREFIX_PLACEBO))
+    assert "agg" in inspect.signature(pmi_reward).parameters  # reward.agg reaches PMI by name
+    gm = get_reward("gm").passes
+    assert gm.target == TARGET_ANSWERS and gm.contexts == (("meta", CONTEXT_PREFIX_META), ("placebo", CONTEXT_PREFIX_PLACEBO))
+    shift = get_reward("pmi_shift").passes
+    assert shift.target == TARGET_ANSWERS and shift.contexts == (("open", CONTEXT_PREFIX), ("close", CONTEXT_PREFIX_META))
+    # cf / asym_cf read the with/without split (rollout.split_arms, checked by config.validate)
+    assert all("with_arm" in inspect.signature(get_reward(n).meta_fn).parameters for n in ("cf", "asym_cf"))
+    # membership rules on text: the heads scored from a meta block, and PMI's guard only on PMI
+    assert pmi.needs_continuation and gm.needs_continuation and not shift.needs_continuation
+    assert pmi.guard is pmi_guard_reason and gm.guard is None and shift.guard is None
+    # exactly the belief heads run scorer passes, none for the rest
     for name, spec in REWARDS.items():
-        passes = [spec.needs_pmi_passes, spec.needs_gm_passes, spec.needs_belief_open_close]
-        assert sum(passes) == (1 if name in ("pmi", "gm", "pmi_shift") else 0)
+        assert spec.needs_scorer == (name in ("pmi", "gm", "pmi_shift"))
+        assert (spec.passes is not None) == (name in ("pmi", "gm", "pmi_shift"))

@@ -12,7 +12,11 @@ Candidates, in SPEC order (each stripped, duplicates removed keeping the first):
   3. gold containing `\\sqrt{k}` (k digits): every such `\\sqrt{k}` replaced by k (one candidate);
   4. gold exactly `[-]\\frac{a}{b}` / `[-]\\dfrac{a}{b}`, a, b integers: the swap b/a (if a != b),
      then (a+1)/b, same command, leading `-` kept;
-  5. the sign flip: `-g`, or g without its leading `-`; none when g is zero.
+  5. the sign flip: `-g`, or g without its leading `-`; none when g is numerically 0, which here
+     means a plain number literal equal to 0 (`0`, `-0`, `0.0`) or the exact fraction form of
+     rule 4 with a = 0 and b != 0 (`\\frac{0}{5}`, `\\frac{-0}{3}`, `-\\dfrac{0}{7}`). Other
+     spellings of zero (`0\\pi`, `\\sqrt{0}`) are not recognised: SPEC section 3 names no
+     evaluator, and their flip is dropped later anyway (math-verify judges it equal to g).
 Then dropped: empty, equal to gold as strings or as numbers, not parseable by math-verify, or
 judged equal to gold by `verify(parse(f"${g}$"), parse(f"${cand}$"))`.
 """
@@ -106,10 +110,17 @@ def _raw_candidates(g: str) -> list[str]:
         if a != b:
             cands.append(f"{sign}\\{cmd}{{{b}}}{{{a}}}")
         cands.append(f"{sign}\\{cmd}{{{a + 1}}}{{{b}}}")
-    value = _as_number(g)
-    if value is None or value != 0:  # no sign flip for 0
+    if not _numerically_zero(g, m):
         cands.append(g[1:] if g.startswith("-") else f"-{g}")
     return cands
+
+
+def _numerically_zero(g: str, frac: re.Match | None) -> bool:
+    """g is 0 as a number literal, or `[-]\\frac{0}{b}` / `\\dfrac` with b != 0 (rule 5 above)."""
+    if frac is not None:
+        return int(frac.group(3)) == 0 and int(frac.group(4)) != 0
+    value = _as_number(g)
+    return value is not None and value == 0
 
 
 @functools.lru_cache(maxsize=65536)

@@ -17,13 +17,14 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from selfdistill.rewards.common import NAN, arm_counts
+from selfdistill.rewards.common import NAN, arm_counts, arm_split_metrics
 
 ALPHA = 1.0
 BETA = 2.5
 GAMMA = 0.5
 DROP_THRESHOLD = Fraction(1, 10)  # c0 - c1 > 0.1
 SOLVED_THRESHOLD = Fraction(99, 100)  # c0 >= 0.99 and c1 >= 0.99
+ASYM_CF_CASES = ("both_solved", "gain", "loss", "tie")
 
 
 def asym_cf_group_value(k_without: int, n_without: int, k_with: int, n_with: int,
@@ -58,3 +59,25 @@ def asym_cf_reward(correct01: Tensor, with_arm: Tensor, group_ids: Tensor,
     r = group_r[cnt["inverse"]]
     # Without-arm members get 0; NaN (group lacking an arm) stays NaN for everyone.
     return torch.where(cnt["with_arm"] | torch.isnan(r), r, torch.zeros_like(r))
+
+
+def asym_cf_case(k_without: int, n_without: int, k_with: int, n_with: int) -> str:
+    """Which term of R decides a group, exclusive and exact (both n > 0): "both_solved" (the gamma
+    penalty), else "gain" (c1 > c0), else "loss" (a drop > 0.1, the beta penalty), else "tie"
+    (everything that earns 0: equal accuracy or a drop of at most 0.1)."""
+    c0, c1 = Fraction(k_without, n_without), Fraction(k_with, n_with)
+    if c0 >= SOLVED_THRESHOLD and c1 >= SOLVED_THRESHOLD:
+        return "both_solved"
+    if c1 > c0:
+        return "gain"
+    if c0 - c1 > DROP_THRESHOLD:
+        return "loss"
+    return "tie"
+
+
+def asym_cf_metrics(correct01: Tensor, with_arm: Tensor, group_ids: Tensor) -> dict[str, float]:
+    """Arm accuracies, groups lacking an arm, and `asym_cf/case_<case>` group counts."""
+    metrics, both = arm_split_metrics("asym_cf", arm_counts(correct01, with_arm, group_ids, "asym_cf_metrics"))
+    cases = [asym_cf_case(*group) for group in both]
+    metrics.update({f"asym_cf/case_{case}": float(cases.count(case)) for case in ASYM_CF_CASES})
+    return metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from selfdistill.rewards.common import NAN, arm_counts, as_bool
+from selfdistill.rewards.common import NAN, arm_counts, arm_split_metrics, as_bool
 
 SOLVED_WITHOUT_META_PENALTY = 0.1
 
@@ -44,3 +44,13 @@ def cf_reward(correct01: Tensor, with_arm: Tensor, group_ids: Tensor, emitted_me
 
     v = torch.where(cnt["with_arm"], v, torch.zeros_like(v))
     return torch.where(both_arms, v, torch.full_like(v, NAN))
+
+
+def cf_metrics(correct01: Tensor, with_arm: Tensor, group_ids: Tensor) -> dict[str, float]:
+    """Arm accuracies, groups lacking an arm, and among groups with both arms those where meta
+    hurt (acc_with < acc_without), helped (>) and those solved without meta (acc_without = 1)."""
+    metrics, both = arm_split_metrics("cf", arm_counts(correct01, with_arm, group_ids, "cf_metrics"))
+    metrics["cf/groups_meta_hurt"] = float(sum(k1 * n0 < k0 * n1 for k0, n0, k1, n1 in both))
+    metrics["cf/groups_meta_helped"] = float(sum(k1 * n0 > k0 * n1 for k0, n0, k1, n1 in both))
+    metrics["cf/groups_solved_without"] = float(sum(k0 == n0 for k0, n0, _, _ in both))
+    return metrics

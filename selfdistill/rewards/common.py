@@ -41,6 +41,12 @@ def as_bool(x: Tensor | bool | Sequence[bool], name: str) -> Tensor:
     raise TypeError(f"{name} must be bool or 0/1; got dtype {t.dtype}")
 
 
+def mean_or_zero(x: Tensor) -> float:
+    """Mean as a float, 0.0 for an empty set: logged metrics stay finite and every rank logs the
+    same keys (a `nan_frac` of 1 says when a head had no member)."""
+    return float(x.double().mean()) if x.numel() else 0.0
+
+
 def check_shape(t: Tensor, shape: tuple[int, ...], name: str, where: str) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
@@ -178,3 +184,30 @@ def arm_counts(correct01: Tensor, with_arm: Tensor, group_ids: Tensor, where: st
         "correct": correct,
         "with_arm": arm,
     }
+
+
+def arm_split_metrics(prefix: str, cnt: dict[str, Tensor]) -> tuple[dict[str, float], list[tuple[int, int, int, int]]]:
+    """Accuracy per arm over the batch and groups lacking an arm, for cf-style heads:
+    (`<prefix>/acc_with`, `<prefix>/acc_without`, `<prefix>/groups_missing_arm`), plus the
+    (k_without, n_without, k_with, n_with) counts of every group that has both arms."""
+    groups = list(zip(cnt["k_without"].tolist(), cnt["n_without"].tolist(), cnt["k_with"].tolist(), cnt["n_with"].tolist()))
+    both = [(k0, n0, k1, n1) for k0, n0, k1, n1 in groups if n0 > 0 and n1 > 0]
+    n_with, n_without = int(cnt["n_with"].sum()), int(cnt["n_without"].sum())
+    return {
+        f"{prefix}/acc_with": int(cnt["k_with"].sum()) / n_with if n_with else 0.0,
+        f"{prefix}/acc_without": int(cnt["k_without"].sum()) / n_without if n_without else 0.0,
+        f"{prefix}/groups_missing_arm": float(len(groups) - len(both)),
+    }, both
+
+
+def belief_shift_metrics(beliefs: dict[str, Tensor], before: Tensor, after: Tensor, values: Tensor,
+                         eps: float = 0.0) -> dict[str, float]:
+    """Belief statistics over a head's members (finite `values`): `belief/<name>_mean` per scored
+    context, `belief/shift_mean` = mean(after - before), and the sign flips across +-eps
+    (`belief/flips_decoy_to_gold`: before < -eps and after > eps; `flips_gold_to_decoy` reversed)."""
+    ok = torch.isfinite(values)
+    metrics = {f"belief/{name}_mean": mean_or_zero(b[ok]) for name, b in beliefs.items()}
+    metrics["belief/shift_mean"] = mean_or_zero((after - before)[ok])
+    metrics["belief/flips_decoy_to_gold"] = float(((before < -eps) & (after > eps) & ok).sum())
+    metrics["belief/flips_gold_to_decoy"] = float(((before > eps) & (after < -eps) & ok).sum())
+    return metrics

@@ -19,6 +19,7 @@ from selfdistill.rewards.common import (
     apply_membership,
     as_bool,
     as_float64,
+    belief_shift_metrics,
     clip,
     gate,
     masked_mean,
@@ -70,3 +71,8 @@ def gm_reward(
     x = masked_mean(did, mask) + MIN_WEIGHT * masked_min(did, mask)  # no divergent position -> NaN
     x = torch.where(bad, torch.full_like(x, NAN), x)
     return apply_membership(gate(x, correct, GM_CAP), member, "gm_reward")
+
+
+def gm_metrics(belief_meta: Tensor, belief_placebo: Tensor, values: Tensor) -> dict[str, float]:
+    """Belief after X + M and after X + placebo over gm's members; the shift is placebo -> M."""
+    return belief_shift_metrics({"meta": belief_meta, "placebo": belief_placebo}, belief_placebo, belief_meta, values)

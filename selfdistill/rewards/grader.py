@@ -1,6 +1,14 @@
 """Correctness grading (SPEC section 1): math-verify equivalence of the last `\\boxed{}` outside
 meta blocks with gold, run in killable worker processes.
 
+Input: each completion as its pieces of text outside meta blocks, in order, cut at the tag
+tokens by `selfdistill.rewards.regions.outside_meta_texts` (the one meta grammar, on token ids).
+A decoded text cannot be parsed for blocks here: the characters `<|meta|>` spelled out of
+ordinary tokens read exactly like the special token, and SPEC section 1 makes only the token a
+tag. The answer is the stripped content of the last complete `\\boxed{...}` lying inside one
+piece (a box whose braces straddle a block is not an answer); `\\boxed` may be followed by
+spaces or tabs before its `{`; `\\{` and `\\}` are content, not delimiters.
+
 Why processes: sympy can hang for minutes (or forever) on hostile input such as
 `9^{9^{9^{9}}}`, often inside C code that no signal interrupts, and math-verify's own SIGALRM
 timeout only works in the main thread. A worker process can always be killed. Each worker gets
@@ -28,13 +36,10 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
-__all__ = ["Grader", "GraderError", "extract_boxed_answer", "math_equivalent",
-           "outside_meta_segments", "META_OPEN", "META_CLOSE"]
+__all__ = ["Grader", "GraderError", "extract_boxed_answer", "math_equivalent"]
 
-META_OPEN = "<|meta|>"
-META_CLOSE = "<|/meta|>"
 _BOXED = "\\boxed"
 
 CORRECT, WRONG, FAILED = 1, 0, -1
@@ -45,25 +50,6 @@ class GraderError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- answer extraction
-
-def outside_meta_segments(text: str) -> list[str]:
-    """The pieces of `text` outside meta blocks, in order (SPEC section 1).
-
-    A block runs from `<|meta|>` to the first `<|/meta|>` after it (a further `<|meta|>` inside is
-    content), or to the end of the text when unclosed. A `<|/meta|>` outside a block is text.
-    """
-    segments, pos = [], 0
-    while True:
-        start = text.find(META_OPEN, pos)
-        if start < 0:
-            segments.append(text[pos:])
-            return segments
-        segments.append(text[pos:start])
-        end = text.find(META_CLOSE, start + len(META_OPEN))
-        if end < 0:
-            return segments
-        pos = end + len(META_CLOSE)
-
 
 def _last_boxed(text: str) -> Optional[str]:
     """Content of the last complete `\\boxed{...}` of `text` (braces balanced, `\\{` `\\}`
@@ -99,13 +85,21 @@ def _last_boxed(text: str) -> Optional[str]:
         pos = j + 1  # a \boxed nested inside this one is not "later"
 
 
-def extract_boxed_answer(text: str) -> Optional[str]:
-    """Stripped content of the last `\\boxed{...}` lying wholly outside meta blocks, else None.
+def _check_pieces(pieces, where: str) -> None:
+    if isinstance(pieces, str) or not isinstance(pieces, (list, tuple)) or not all(isinstance(p, str) for p in pieces):
+        raise TypeError(
+            f"{where} must be a completion's outside-meta text pieces (a list of str, from "
+            f"selfdistill.rewards.regions.outside_meta_texts), got {type(pieces).__name__}: a decoded text cannot tell "
+            f"a <|meta|> token from the same characters typed out; wrap a text known to hold no tag token as [text]")
 
-    A boxed answer that straddles a meta tag is not outside meta and is ignored.
-    """
-    for segment in reversed(outside_meta_segments(text)):
-        answer = _last_boxed(segment)
+
+def extract_boxed_answer(pieces: Sequence[str]) -> Optional[str]:
+    """Stripped content of the last `\\boxed{...}` lying wholly inside one of a completion's
+    outside-meta pieces (`outside_meta_texts`), searched from the last piece back; None if none.
+    A box whose braces straddle a meta block is split over two pieces and is no answer."""
+    _check_pieces(pieces, "extract_boxed_answer: pieces")
+    for piece in reversed(pieces):
+        answer = _last_boxed(piece)
         if answer is not None:
             return answer.strip()
     return None
@@ -279,8 +273,11 @@ class Grader:
 
     # -- public API
 
-    def grade(self, completions: list[str], golds: list[str]) -> list[int]:
-        """Grade `completions[i]` against `golds[i]`; returns 1 / 0 / -1 per completion."""
+    def grade(self, completions: Sequence[Sequence[str]], golds: Sequence[str]) -> list[int]:
+        """Grade `completions[i]` against `golds[i]`; returns 1 / 0 / -1 per completion.
+
+        completions[i]: that completion's outside-meta text pieces (`outside_meta_texts`, or
+        `rollout_outside_meta_texts` of a rollout batch)."""
         if len(completions) != len(golds):
             raise ValueError(f"grade: {len(completions)} completions but {len(golds)} golds")
         with self._lock:
@@ -290,11 +287,11 @@ class Grader:
                 raise GraderError(self._broken)
             results: list[Optional[int]] = [None] * len(completions)
             jobs: dict[tuple[str, str], list[int]] = {}  # identical pairs are graded once
-            for i, (text, gold) in enumerate(zip(completions, golds)):
-                if not isinstance(text, str) or not isinstance(gold, str):
-                    raise TypeError(f"grade: item {i} must be a (str completion, str gold) pair, "
-                                    f"got ({type(text).__name__}, {type(gold).__name__})")
-                answer = extract_boxed_answer(text)
+            for i, (pieces, gold) in enumerate(zip(completions, golds)):
+                if not isinstance(gold, str):
+                    raise TypeError(f"grade: item {i}: gold must be a str, got {type(gold).__name__}")
+                _check_pieces(pieces, f"grade: item {i}")
+                answer = extract_boxed_answer(pieces)
                 gold = gold.strip()
                 if answer is None or not answer:
                     results[i] = WRONG

@@ -1,25 +1,41 @@
 """Text-level membership rules of the belief heads and PMI's anti-gaming guards (SPEC section 2).
 
-These run on decoded text (the scorer decodes the completion's own token ids); each returns the
-reason a rollout is a non-member, or None when it is a member, so the scorer can both mask the
-head (`common.apply_membership`) and count the reasons.
+These run on text decoded from token spans the token-level grammar found (`regions`: M's
+content between its tag tokens, C after M's closing tag, the outside-meta pieces for the boxed
+answer), never on a decoded completion parsed for tags. Each returns the reason a rollout is a
+non-member, or None when it is a member, so the scorer can both mask the head
+(`common.apply_membership`) and count the reasons.
 
-Membership of PMI, gm and PMI-shift: only the first closed meta block M is scored. Non-member when
-there is no closed block, when M has nothing but whitespace between its tags, when nothing but
-whitespace follows M (PMI and gm only), or when the gold/decoy pair is not scorable (that last one
-is decided on token ids: `common.divergent_positions`, and it makes the tensor rewards NaN).
+Membership of the heads scored from the first closed meta block M (PMI, gm, PMI-shift): non-member
+when there is no closed block, when M has nothing but whitespace between its tags, when nothing
+but whitespace follows M (heads whose registry entry says so: PMI and gm), when the head's guard
+fires (PMI's), or when the gold/decoy pair is not scorable (that last one is decided on token ids
+by the scorer: `common.divergent_positions`).
 
 PMI guards, on the text between M's tags: it contains the gold answer string or the rollout's own
 boxed answer string literally and standalone, or it copies its continuation (>= 8 words and >= 25%
-of its distinct word 8-grams among C's word 8-grams).
+of its distinct word 8-grams among C's word 8-grams). "Standalone": not next to an ASCII letter,
+an ASCII digit, `_`, or a `.` that is followed by an ASCII digit.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import string
+from typing import Callable, Optional
 
-BELIEF_HEADS = ("pmi", "gm", "pmi_shift")
-HEADS_NEEDING_CONTINUATION = ("pmi", "gm")
+# Every reason a rollout can be a non-member of a head scored from its first closed block, in the
+# order the rules are applied (the first failing one is counted): the structural rules, PMI's guard
+# reasons, and the unscorable gold/decoy pair (decided on token ids by the scorer).
+STRUCTURE_REASONS = ("no_closed_block", "blank_meta", "blank_continuation")
+PMI_GUARD_REASONS = ("gold_in_meta", "boxed_in_meta", "copied_continuation")
+UNSCORABLE_PAIR = "unscorable_pair"
+NONMEMBER_REASONS = (*STRUCTURE_REASONS, *PMI_GUARD_REASONS, UNSCORABLE_PAIR)
+
+# A guard: (meta_text, continuation_text, gold, boxed) -> a reason from NONMEMBER_REASONS or None.
+Guard = Callable[[str, str, str, Optional[str]], Optional[str]]
+
+_ASCII_ALNUM = frozenset(string.ascii_letters + string.digits)
+_ASCII_DIGITS = frozenset(string.digits)
 
 NGRAM = 8
 MIN_WORDS = 8
@@ -28,14 +44,16 @@ COPY_NUM, COPY_DEN = 1, 4
 
 
 def _blocks_standalone(ch: str, char_after_it: Optional[str]) -> bool:
-    """Does neighbour `ch` make a match non-standalone? Letters, digits and `_` always do; a `.`
-    does only when it is followed by a digit (a decimal point): "16." at the end of a sentence is
-    standalone, "16.5" is not a match for "16". `char_after_it` is the character right after
-    `ch` in the text (None at the end of the text)."""
-    if ch.isalnum() or ch == "_":
+    """Does neighbour `ch` make a match non-standalone? ASCII letters and digits (`[A-Za-z0-9]`,
+    SPEC section 2) and `_` always do; a `.` does only when it is followed by an ASCII digit (a
+    decimal point): "16." at the end of a sentence is standalone, "16.5" is not a match for "16".
+    Other characters never block, `str.isalnum` ones included: "16²", "16.²", "é16", "16½" are
+    standalone matches of "16". `char_after_it` is the character right after `ch` in the text
+    (None at the end of the text)."""
+    if ch in _ASCII_ALNUM or ch == "_":
         return True
     if ch == ".":
-        return char_after_it is not None and char_after_it.isdigit()
+        return char_after_it is not None and char_after_it in _ASCII_DIGITS
     return False
 
 
@@ -90,33 +108,39 @@ def pmi_guard_reason(meta_text: str, continuation_text: str, gold: str, boxed: O
     return None
 
 
-def belief_membership_reason(
-    head: str,
+def membership_reason(
     *,
     has_closed_block: bool,
     meta_text: str,
     continuation_text: str,
+    needs_continuation: bool,
+    guard: Optional[Guard] = None,
     gold: Optional[str] = None,
     boxed: Optional[str] = None,
 ) -> Optional[str]:
-    """Why `head` (pmi | gm | pmi_shift) does not score this rollout, or None if it is a member.
+    """Why a head scored from the first closed meta block does not score this rollout, or None if
+    it is a member. The head's registry entry (`ScorerPasses`) supplies `needs_continuation` and
+    `guard`.
 
     has_closed_block: from `MetaRegions.has_closed_block`. meta_text: text between the first closed
     block's tags ("" when there is none). continuation_text: text after its closing tag (EOS
-    excluded). gold and boxed: needed by PMI's guards (gold is required for pmi).
-    Reasons: "no_closed_block", "blank_meta", "blank_continuation", then PMI's guard reasons.
-    The pair-not-scorable rule is applied on token ids by the tensor rewards.
+    excluded). gold and boxed: what a guard reads (gold is required with a guard; boxed is the
+    rollout's answer from its outside-meta pieces, None when it has none).
+    Reasons: "no_closed_block", "blank_meta", "blank_continuation", then the guard's. The
+    pair-not-scorable rule is applied on token ids by the scorer.
     """
-    if head not in BELIEF_HEADS:
-        raise ValueError(f"belief_membership_reason: head {head!r} is not a belief head; choose one of {', '.join(BELIEF_HEADS)}")
     if not has_closed_block:
         return "no_closed_block"
     if not meta_text.strip():
         return "blank_meta"
-    if head in HEADS_NEEDING_CONTINUATION and not continuation_text.strip():
+    if needs_continuation and not continuation_text.strip():
         return "blank_continuation"
-    if head == "pmi":
-        if gold is None:
-            raise ValueError("belief_membership_reason: head 'pmi' needs gold= (the reference answer) for its guards")
-        return pmi_guard_reason(meta_text, continuation_text, gold, boxed)
-    return None
+    if guard is None:
+        return None
+    if gold is None:
+        raise ValueError(f"membership_reason: the guard {getattr(guard, '__name__', guard)!r} needs gold= (the reference answer)")
+    reason = guard(meta_text, continuation_text, gold, boxed)
+    if reason is not None and reason not in NONMEMBER_REASONS:
+        raise ValueError(f"membership_reason: guard {getattr(guard, '__name__', guard)!r} returned {reason!r}, which is not "
+                         f"one of guards.NONMEMBER_REASONS ({', '.join(NONMEMBER_REASONS)}); add it there so it is counted")
+    return reason

@@ -1,13 +1,16 @@
 """The meta head of one rollout batch: scoring contexts, batched scorer passes, reward, metrics.
 
 This is where the pure reward functions of this package meet the scorer model (SPEC sections 1-2).
+The scorer knows no arm by name: it executes what the arm's registry entry (`registry.RewardSpec`)
+declares, the passes (`ScorerPasses`: which contexts, what is scored after them, which
+membership rules), the head's pure function and its metrics, bound to the inputs they name.
 
 Contexts (SPEC section 1). Every context is the chat-templated prompt exactly as the policy saw it
 followed by the completion's own sampled token ids; nothing is re-tokenized. Spliced pieces (the
 placebo block, the answer strings `\\boxed{gold}` / `\\boxed{decoy}`) are tokenized on their own
 and concatenated at token level. EOS and padding are cut off first, so they are never part of a
 context or of a scored span. With P = completion before the first closed meta block M and C = the
-completion after it:
+completion after it, the registered arms declare:
 
     pmi        C scored after  prompt+P+M  |  prompt+P  |  prompt+P+placebo
     gm         gold, decoy after  prompt+P+M  |  prompt+P+placebo          (X = prompt+P)
@@ -15,8 +18,9 @@ completion after it:
     cf, asym_cf  correctness only: no scorer pass
 
 Membership (SPEC section 2) is settled before any pass, so non-members cost nothing: no closed
-block, blank M, blank C (pmi, gm), PMI's guards (`guards.belief_membership_reason`), and a gold /
-decoy pair that is not scorable (different token lengths or no divergent position, counted in
+block, blank M, blank C (entries with `needs_continuation`: pmi, gm), the entry's guard (PMI's;
+it reads the rollout's boxed answer from its outside-meta pieces, cut at token level), and a gold
+/ decoy pair that is not scorable (different token lengths or no divergent position, counted in
 `reward/skip_rate`; the SPEC lists this rule for all three belief heads, pmi included).
 
 Passes. Every teacher-forced sequence of the step (all rollouts, all pass kinds) goes into one
@@ -33,35 +37,35 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from selfdistill import ops
-from selfdistill.algo.logprobs import unwrap
 from selfdistill.config import RewardConfig
 from selfdistill.models.tokenizer import META_CLOSE, META_OPEN
-from selfdistill.rewards.asym_cf import DROP_THRESHOLD, SOLVED_THRESHOLD, asym_cf_reward
-from selfdistill.rewards.cf import cf_reward
-from selfdistill.rewards.common import arm_counts, belief, divergent_positions
-from selfdistill.rewards.gm import gm_reward
+from selfdistill.rewards.base import correct_from_grades
+from selfdistill.rewards.common import belief, divergent_positions, mean_or_zero
 from selfdistill.rewards.grader import extract_boxed_answer
-from selfdistill.rewards.guards import belief_membership_reason
-from selfdistill.rewards.pmi import pmi_reward
-from selfdistill.rewards.pmi_shift import DEFAULT_EPS, pmi_shift_reward
-from selfdistill.rewards.regions import MetaRegions, meta_regions
-from selfdistill.rewards.registry import RewardSpec, get_reward
+from selfdistill.rewards.guards import NONMEMBER_REASONS, UNSCORABLE_PAIR, membership_reason
+from selfdistill.rewards.regions import MetaRegions, content_regions, meta_structure_metrics, outside_meta_texts
+from selfdistill.rewards.registry import (
+    CONTEXT_PREFIX,
+    CONTEXT_PREFIX_META,
+    CONTEXT_PREFIX_PLACEBO,
+    TARGET_CONTINUATION,
+    RewardSpec,
+    ScorerPasses,
+    call_with_inputs,
+    get_reward,
+)
 from selfdistill.rollout.base import PLACEBO_TEXT, RolloutBatch
 
 SCORER_TEMPERATURE = 1.0  # SPEC section 1: the scorer is evaluated at temperature 1.0
 PLACEBO_BLOCK = META_OPEN + PLACEBO_TEXT + META_CLOSE
 MAX_BATCH_TOKENS = 32768  # padded tokens per scorer forward
 MAX_BATCH_SIZE = 256  # sequences per scorer forward
-# Non-member reasons, in the order the rules are applied (the first failing one is counted).
-NONMEMBER_REASONS = ("no_closed_block", "blank_meta", "blank_continuation", "gold_in_meta", "boxed_in_meta",
-                     "copied_continuation", "unscorable_pair")
 
 
 def answer_text(answer: str) -> str:
@@ -113,11 +117,11 @@ class TeacherForcedPasses:
 
     @torch.no_grad()
     def run(self, model, pad_id: int, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_size: int = MAX_BATCH_SIZE) -> Tensor:
-        """float64 [len(reads)] log-probs, on the CPU."""
+        """float64 [len(reads)] log-probs, on the CPU. `model`: a plain HF causal LM (`_check_scorer`)."""
         out = torch.full((len(self.reads),), float("nan"), dtype=torch.float64)
         if not self.reads:
             return out
-        hf = unwrap(model)
+        hf = _check_scorer(model)
         decoder, head = hf.get_decoder(), hf.get_output_embeddings()
         device = next(hf.parameters()).device
         reads_of: dict[int, list[int]] = {}
@@ -155,9 +159,19 @@ def _head_logprobs(h: Tensor, head, targets: Tensor) -> Tensor:
     return lp
 
 
+def _check_scorer(model):
+    """The scorer is a plain HF causal LM: the trainer passes the gathered frozen reference or
+    `engine.unwrapped()`, never an engine wrapper (whose `.module` this package does not open:
+    engine handling belongs to the trainer side)."""
+    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+        raise TypeError(f"the scorer must be a plain HF causal LM (the gathered reference, or engine.unwrapped()); "
+                        f"got {type(model).__name__}")
+    return model
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
-    hf = unwrap(model)
+    hf = _check_scorer(model)
     was_training = hf.training
     hf.eval()
     try:
@@ -185,17 +199,6 @@ def answer_pair(tokenizer, gold: str, decoy: str) -> AnswerPair:
     return AnswerPair(g, d, ks if len(g) == len(d) and ks else None)
 
 
-def content_ids(batch: RolloutBatch, eos_id: Optional[int]) -> list[list[int]]:
-    """Each completion's sampled (and forced) ids without padding and without a final EOS."""
-    out = []
-    for row, n in zip(batch.completion_ids.tolist(), batch.lengths.tolist()):
-        ids = row[: int(n)]
-        if ids and eos_id is not None and ids[-1] == eos_id:
-            ids = ids[:-1]
-        out.append(ids)
-    return out
-
-
 def _examples_per_row(batch: RolloutBatch, examples: Sequence) -> list:
     gids = batch.group_ids.tolist()
     bad = sorted({g for g in gids if not 0 <= g < len(examples)})
@@ -214,7 +217,8 @@ def score_meta_head(cfg: RewardConfig, batch: RolloutBatch, grades: Tensor, exam
 
     grades: [R] 1 correct / 0 wrong / -1 grader timeout (= wrong). examples: one per group, indexed
     by `batch.group_ids`, each with `.gold` and `.decoy`. scorer: the frozen reference (or the
-    policy when `reward.use_policy_as_scorer`); unused by cf / asym_cf.
+    policy when `reward.use_policy_as_scorer`) as a plain HF causal LM; unused (may be None) when
+    the entry declares no passes (cf / asym_cf). Metrics include `meta_structure_metrics`.
     """
     spec = get_reward(cfg.name)
     if spec.meta_head is None:
@@ -223,30 +227,38 @@ def score_meta_head(cfg: RewardConfig, batch: RolloutBatch, grades: Tensor, exam
     grades = torch.as_tensor(grades)
     if tuple(grades.shape) != (R,):
         raise ValueError(f"score_meta_head: grades has shape {tuple(grades.shape)}, expected ({R},)")
-    correct = grades.cpu() == 1
-    ids = content_ids(batch, tokenizer.eos_token_id)
-    regions = meta_regions(batch.completion_ids.cpu(), torch.tensor([len(x) for x in ids]), *meta_ids)
+    correct = correct_from_grades(grades.cpu())
+    ids, regions = content_regions(batch, tokenizer.eos_token_id, meta_ids)
     metrics = meta_structure_metrics(regions, batch.with_arm.cpu())
-    if spec.needs_split_arms:
-        values, head_metrics = _counterfactual_head(spec, correct, batch, regions)
-        head_metrics["reward/skip_rate"] = 0.0
+    inputs: dict[str, object] = {
+        "correct": correct, "correct01": correct, "with_arm": batch.with_arm.cpu(), "group_ids": batch.group_ids.cpu(),
+        "emitted_meta": regions.emitted, "agg": cfg.agg,
+    }
+    if spec.passes is None:
+        metrics["reward/skip_rate"] = 0.0  # no gold/decoy pair is scored
     else:
         if scorer is None:
             raise ValueError(f"score_meta_head: reward {cfg.name!r} needs a scorer model; got None")
-        values, head_metrics = _belief_head(spec, cfg, correct, batch, ids, regions, _examples_per_row(batch, examples),
-                                            scorer, tokenizer, max_batch_tokens, max_batch_size)
-    metrics.update(head_metrics)
+        scored, pass_metrics = _scored_inputs(spec, batch, ids, regions, _examples_per_row(batch, examples), scorer,
+                                              tokenizer, meta_ids, max_batch_tokens, max_batch_size)
+        inputs.update(scored)
+        metrics.update(pass_metrics)
+    values = call_with_inputs(spec.meta_fn, inputs)
+    if spec.metrics_fn is not None:
+        metrics.update(call_with_inputs(spec.metrics_fn, {**inputs, "values": values}))
     metrics.update(value_metrics(spec.meta_head, values))
     return values, spec.meta_route, metrics
 
 
-def _belief_head(spec: RewardSpec, cfg: RewardConfig, correct: Tensor, batch: RolloutBatch, ids: list[list[int]],
-                 regions: MetaRegions, row_examples: list, scorer, tokenizer, max_batch_tokens: int,
-                 max_batch_size: int) -> tuple[Tensor, dict[str, float]]:
-    head, R = spec.meta_head, len(ids)
+def _scored_inputs(spec: RewardSpec, batch: RolloutBatch, ids: list[list[int]], regions: MetaRegions, row_examples: list,
+                   scorer, tokenizer, meta_ids: tuple[int, int], max_batch_tokens: int,
+                   max_batch_size: int) -> tuple[dict[str, object], dict[str, float]]:
+    """Membership, then every pass the entry declares for every member, run batched, laid out as
+    the inputs `registry` documents."""
+    head, passes_spec, R = spec.meta_head, spec.passes, len(ids)
     starts, ends = regions.first_closed_start.tolist(), regions.first_closed_end.tolist()
     # 1. membership, before any pass
-    reasons, row_pairs = _membership(head, batch, ids, starts, ends, row_examples, tokenizer)
+    reasons, row_pairs = _membership(passes_spec, ids, starts, ends, row_examples, tokenizer, meta_ids)
     member = torch.tensor([r is None for r in reasons], dtype=torch.bool)
     metrics = {f"reward/{head}/nonmember/{k}": sum(r == k for r in reasons) / max(R, 1) for k in NONMEMBER_REASONS}
     metrics["reward/skip_rate"] = sum(p.divergent is None for p in row_pairs) / max(R, 1)
@@ -254,34 +266,35 @@ def _belief_head(spec: RewardSpec, cfg: RewardConfig, correct: Tensor, batch: Ro
     # 2. every pass of the step, registered once, run batched
     placebo = tokenizer(PLACEBO_BLOCK, add_special_tokens=False)["input_ids"]
     passes = TeacherForcedPasses()
-    plans: dict[int, dict] = {}
+    plans: dict[int, dict[str, object]] = {}
     for i in member.nonzero().flatten().tolist():
-        p, c, s, e, pair = batch.prompt_ids[i], ids[i], starts[i], ends[i], row_pairs[i]
-        if head == "pmi":
-            plans[i] = {arm: _add_continuation(passes, ctx, c[e + 1:]) for arm, ctx in (
-                ("real", p + c[: e + 1]), ("without", p + c[:s]), ("placebo", p + c[:s] + placebo))}
-        elif head == "gm":
-            plans[i] = {"meta": _add_belief(passes, p + c[: e + 1], pair), "placebo": _add_belief(passes, p + c[:s] + placebo, pair)}
-        else:  # pmi_shift
-            plans[i] = {"open": _add_belief(passes, p + c[:s], pair), "close": _add_belief(passes, p + c[: e + 1], pair)}
+        c, e = ids[i], ends[i]
+        for name, ctx in passes_spec.contexts:
+            context = _context(ctx, batch.prompt_ids[i], c, starts[i], e, placebo)
+            plans.setdefault(i, {})[name] = (_add_continuation(passes, context, c[e + 1:])
+                                             if passes_spec.target == TARGET_CONTINUATION
+                                             else _add_belief(passes, context, row_pairs[i]))
     with _eval_mode(scorer):
         lp = passes.run(scorer, tokenizer.pad_token_id, max_batch_tokens, max_batch_size)
     metrics["scorer/sequences"] = float(len(passes.seqs))
     metrics["scorer/tokens"] = float(passes.num_tokens)
 
-    # 3. the reward function on [R, K] arrays (rows without a plan stay masked out -> NaN)
-    if head == "pmi":
-        values, head_metrics = _pmi_values(cfg, lp, plans, R, correct, member)
+    # 3. [R, K] arrays (rows without a plan stay masked out -> NaN in the head)
+    names = [name for name, _ in passes_spec.contexts]
+    if passes_spec.target == TARGET_CONTINUATION:
+        inputs = _continuation_inputs(names, lp, plans, R)
     else:
-        values, head_metrics = _belief_values(head, lp, plans, row_pairs, correct, member)
-    return values, {**metrics, **head_metrics}
+        inputs = _answer_inputs(names, lp, plans, row_pairs)
+    inputs["member"] = member
+    return inputs, metrics
 
 
-def _membership(head: str, batch: RolloutBatch, ids: list[list[int]], starts: list[int], ends: list[int],
-                row_examples: list, tokenizer) -> tuple[list[Optional[str]], list[AnswerPair]]:
+def _membership(passes: ScorerPasses, ids: list[list[int]], starts: list[int], ends: list[int], row_examples: list,
+                tokenizer, meta_ids: tuple[int, int]) -> tuple[list[Optional[str]], list[AnswerPair]]:
     """Per rollout: the first failing membership rule (None for a member) and its answer pair."""
-    R = len(ids)
-    texts = batch.texts if len(batch.texts) == R else [tokenizer.decode(x, skip_special_tokens=False) for x in ids]
+    # The rollout's own boxed answer, for a guard: searched in its outside-meta pieces, cut at tag
+    # tokens exactly as the grader's (one grammar: a spelled-out `<|meta|>` is text here too).
+    boxed = [extract_boxed_answer(p) for p in outside_meta_texts(ids, tokenizer, meta_ids)] if passes.guard else [None] * len(ids)
     pairs: dict[tuple[str, str], AnswerPair] = {}
     reasons: list[Optional[str]] = []
     row_pairs: list[AnswerPair] = []
@@ -294,62 +307,60 @@ def _membership(head: str, batch: RolloutBatch, ids: list[list[int]], starts: li
         row_pairs.append(pair)
         s, e = starts[i], ends[i]
         closed = s >= 0
-        reason = belief_membership_reason(
-            head, has_closed_block=closed,
+        reason = membership_reason(
+            has_closed_block=closed,
             meta_text=tokenizer.decode(ids[i][s + 1:e], skip_special_tokens=False) if closed else "",
             continuation_text=tokenizer.decode(ids[i][e + 1:], skip_special_tokens=False) if closed else "",
-            gold=ex.gold, boxed=extract_boxed_answer(texts[i]) if head == "pmi" else None,
+            needs_continuation=passes.needs_continuation, guard=passes.guard, gold=ex.gold, boxed=boxed[i],
         )
         if reason is None and pair.divergent is None:
-            reason = "unscorable_pair"
+            reason = UNSCORABLE_PAIR
         reasons.append(reason)
     return reasons, row_pairs
 
 
-def _pmi_values(cfg: RewardConfig, lp: Tensor, plans: dict[int, dict], R: int, correct: Tensor,
-                member: Tensor) -> tuple[Tensor, dict[str, float]]:
-    K = max([len(plan["real"]) for plan in plans.values()] or [0])
-    arrs = {arm: torch.zeros(R, K, dtype=torch.float64) for arm in ("real", "without", "placebo")}
+def _continuation_inputs(names: list[str], lp: Tensor, plans: dict[int, dict], R: int) -> dict[str, object]:
+    """`logp_<name>` [R, K] per context (C's tokens, position by position) and `cont_mask`."""
+    K = max([len(plan[names[0]]) for plan in plans.values()] or [0])
+    logp = {name: torch.zeros(R, K, dtype=torch.float64) for name in names}
     mask = torch.zeros(R, K, dtype=torch.bool)
     for i, plan in plans.items():
-        for arm, idx in plan.items():
-            arrs[arm][i, : len(idx)] = lp[idx]
-        mask[i, : len(plan["real"])] = True
-    values = pmi_reward(arrs["real"], arrs["without"], arrs["placebo"], mask, correct, cfg.agg, member=member)
-    ok = torch.isfinite(values)
-    return values, {
-        "pmi/d_real_mean": _mean(_masked_row_mean(arrs["real"] - arrs["without"], mask)[ok]),
-        "pmi/d_placebo_mean": _mean(_masked_row_mean(arrs["placebo"] - arrs["without"], mask)[ok]),
-        "pmi/continuation_len": _mean(mask.sum(1)[ok].double()),
-    }
+        for name, idx in plan.items():
+            logp[name][i, : len(idx)] = lp[idx]
+        mask[i, : len(plan[names[0]])] = True
+    return {**{f"logp_{name}": x for name, x in logp.items()}, "cont_mask": mask}
 
 
-def _belief_values(head: str, lp: Tensor, plans: dict[int, dict], row_pairs: list[AnswerPair], correct: Tensor,
-                   member: Tensor) -> tuple[Tensor, dict[str, float]]:
+def _answer_inputs(names: list[str], lp: Tensor, plans: dict[int, dict], row_pairs: list[AnswerPair]) -> dict[str, object]:
+    """`gold_logp_<name>`, `decoy_logp_<name>` [R, K] at the divergent positions, `belief_<name>`
+    [R] per context, and `divergent_mask` [R, K]."""
     R = len(row_pairs)
-    arms = ("meta", "placebo") if head == "gm" else ("open", "close")
     K = max([len(p.gold) for p in row_pairs] or [0])
-    g = {a: torch.zeros(R, K, dtype=torch.float64) for a in arms}
-    d = {a: torch.zeros(R, K, dtype=torch.float64) for a in arms}
+    g = {name: torch.zeros(R, K, dtype=torch.float64) for name in names}
+    d = {name: torch.zeros(R, K, dtype=torch.float64) for name in names}
     div = torch.zeros(R, K, dtype=torch.bool)
     for i, plan in plans.items():
         ks = row_pairs[i].divergent
         div[i, ks] = True
-        for a in arms:
-            g[a][i, ks], d[a][i, ks] = lp[plan[a][0]], lp[plan[a][1]]
-    b = {a: belief(g[a], d[a], div) for a in arms}
-    if head == "gm":
-        values = gm_reward(g["meta"], g["placebo"], d["meta"], d["placebo"], div, correct, member=member)
-    else:
-        values = pmi_shift_reward(b["open"], b["close"], member=member)
-    ok = torch.isfinite(values)
-    # belief without vs with the block: gm compares X + placebo with X + M, pmi_shift open with close
-    before, after = (b["placebo"], b["meta"]) if head == "gm" else (b["open"], b["close"])
-    metrics = {f"belief/{a}_mean": _mean(b[a][ok]) for a in arms}
-    metrics["belief/shift_mean"] = _mean((after - before)[ok])
-    metrics["belief/flips_decoy_to_gold"] = float(((before < -DEFAULT_EPS) & (after > DEFAULT_EPS) & ok).sum())
-    metrics["belief/flips_gold_to_decoy"] = float(((before > DEFAULT_EPS) & (after < -DEFAULT_EPS) & ok).sum())
-    return values, metrics
+        for name in names:
+            g[name][i, ks], d[name][i, ks] = lp[plan[name][0]], lp[plan[name][1]]
+    inputs: dict[str, object] = {"divergent_mask": div}
+    for name in names:
+        inputs[f"gold_logp_{name}"], inputs[f"decoy_logp_{name}"] = g[name], d[name]
+        inputs[f"belief_{name}"] = belief(g[name], d[name], div)
+    return inputs
+
+
+def _context(kind: str, prompt: list[int], completion: list[int], start: int, end: int, placebo: list[int]) -> list[int]:
+    """The token ids of scoring context `kind` (registry.CONTEXTS) of one rollout whose first
+    closed meta block M spans completion[start:end + 1]."""
+    if kind == CONTEXT_PREFIX:
+        return prompt + completion[:start]
+    if kind == CONTEXT_PREFIX_META:
+        return prompt + completion[: end + 1]
+    if kind == CONTEXT_PREFIX_PLACEBO:
+        return prompt + completion[:start] + placebo
+    raise ValueError(f"unknown scoring context {kind!r}")
 
 
 def _add_continuation(passes: TeacherForcedPasses, ctx: list[int], cont: list[int]) -> list[int]:
@@ -369,61 +380,7 @@ def _add_belief(passes: TeacherForcedPasses, ctx: list[int], pair: AnswerPair) -
     return gold_idx, decoy_idx
 
 
-# ----------------------------------------------------------------------------- cf / asym_cf
-
-def _counterfactual_head(spec: RewardSpec, correct: Tensor, batch: RolloutBatch,
-                         regions: MetaRegions) -> tuple[Tensor, dict[str, float]]:
-    """cf / asym_cf from correctness (1 / 0), the arm split and emission: no scorer pass."""
-    with_arm, gids = batch.with_arm.cpu(), batch.group_ids.cpu()
-    if spec.name == "cf":
-        values = cf_reward(correct, with_arm, gids, regions.emitted)
-    else:
-        values = asym_cf_reward(correct, with_arm, gids)
-    cnt = arm_counts(correct, with_arm, gids, f"score_meta_head[{spec.name}]")
-    groups = list(zip(cnt["k_without"].tolist(), cnt["n_without"].tolist(), cnt["k_with"].tolist(), cnt["n_with"].tolist()))
-    both = [(k0, n0, k1, n1) for k0, n0, k1, n1 in groups if n0 > 0 and n1 > 0]
-    n_with, n_without = int(cnt["n_with"].sum()), int(cnt["n_without"].sum())
-    p = spec.name
-    m = {
-        f"{p}/acc_with": int(cnt["k_with"].sum()) / n_with if n_with else 0.0,
-        f"{p}/acc_without": int(cnt["k_without"].sum()) / n_without if n_without else 0.0,
-        f"{p}/groups_missing_arm": float(len(groups) - len(both)),
-    }
-    if p == "cf":
-        m["cf/groups_meta_hurt"] = float(sum(k1 * n0 < k0 * n1 for k0, n0, k1, n1 in both))
-        m["cf/groups_meta_helped"] = float(sum(k1 * n0 > k0 * n1 for k0, n0, k1, n1 in both))
-        m["cf/groups_solved_without"] = float(sum(k0 == n0 for k0, n0, _, _ in both))
-        return values, m
-    # asym_cf cases, exclusive and exact (the thresholds of asym_cf.py): both_solved, then gain,
-    # loss (drop > 0.1), tie (everything that earns 0: equal accuracy or a drop of at most 0.1).
-    cases = {"case_both_solved": 0, "case_gain": 0, "case_loss": 0, "case_tie": 0}
-    for k0, n0, k1, n1 in both:
-        c0, c1 = Fraction(k0, n0), Fraction(k1, n1)
-        if c0 >= SOLVED_THRESHOLD and c1 >= SOLVED_THRESHOLD:
-            cases["case_both_solved"] += 1
-        elif c1 > c0:
-            cases["case_gain"] += 1
-        elif c0 - c1 > DROP_THRESHOLD:
-            cases["case_loss"] += 1
-        else:
-            cases["case_tie"] += 1
-    m.update({f"asym_cf/{k}": float(v) for k, v in cases.items()})
-    return values, m
-
-
 # ----------------------------------------------------------------------------- metrics
-
-def meta_structure_metrics(regions: MetaRegions, with_arm: Tensor) -> dict[str, float]:
-    """Emission rate, blocks per rollout and meta tokens (tags included) per emitting rollout, over
-    the with-arm rollouts: the without arm's forced placebo block is not the policy's meta."""
-    arm = with_arm.bool()
-    emitted = regions.emitted[arm]
-    return {
-        "meta/emission_rate": _mean(emitted.double()),
-        "meta/blocks_per_rollout": _mean(regions.block_count[arm].double()),
-        "meta/mean_len": _mean(regions.meta.sum(1)[arm][emitted].double()),
-    }
-
 
 def value_metrics(head: str, values: Tensor) -> dict[str, float]:
     """Mean and (population) std of the head over its members, and its non-member share.
@@ -431,20 +388,10 @@ def value_metrics(head: str, values: Tensor) -> dict[str, float]:
     ok = torch.isfinite(values)
     v = values[ok].double()
     return {
-        "reward/meta_mean": _mean(v),
+        "reward/meta_mean": mean_or_zero(v),
         "reward/meta_std": float(v.std(correction=0)) if v.numel() else 0.0,
         f"reward/{head}/nan_frac": float((~ok).double().mean()) if values.numel() else 0.0,
     }
 
 
-def _mean(x: Tensor) -> float:
-    """Mean as a float; 0.0 for an empty set (see `value_metrics`)."""
-    return float(x.double().mean()) if x.numel() else 0.0
-
-
-def _masked_row_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask, x, torch.zeros_like(x)).sum(1) / mask.sum(1).clamp(min=1)
-
-
-__all__ = ["AnswerPair", "TeacherForcedPasses", "answer_pair", "answer_text", "content_ids", "meta_structure_metrics",
-           "score_meta_head", "value_metrics"]
+__all__ = ["AnswerPair", "TeacherForcedPasses", "answer_pair", "answer_text", "score_meta_head", "value_metrics"]

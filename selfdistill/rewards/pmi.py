@@ -24,6 +24,7 @@ from selfdistill.rewards.common import (
     masked_mean,
     masked_min,
     masked_sum,
+    mean_or_zero,
 )
 
 PMI_CAP = 0.1085  # the gate's cap c for PMI
@@ -85,3 +86,16 @@ def pmi_reward(
     x = pmi_aggregate(real - without, mask, agg) - pmi_aggregate(plac - without, mask, agg)
     x = torch.where(bad, torch.full_like(x, NAN), x)
     return apply_membership(gate(x, correct, PMI_CAP), member, "pmi_reward")
+
+
+def pmi_metrics(logp_real: Tensor, logp_without: Tensor, logp_placebo: Tensor, cont_mask: Tensor,
+                values: Tensor) -> dict[str, float]:
+    """Over PMI's members: mean per-token `d_real` and `d_plac` (each a row mean over C, then the
+    mean over rows) and the mean number of scored tokens of C."""
+    ok = torch.isfinite(values)
+    mask = as_bool(cont_mask, "cont_mask")
+    return {
+        "pmi/d_real_mean": mean_or_zero(masked_mean(logp_real - logp_without, mask)[ok]),
+        "pmi/d_placebo_mean": mean_or_zero(masked_mean(logp_placebo - logp_without, mask)[ok]),
+        "pmi/continuation_len": mean_or_zero(mask.sum(1)[ok]),
+    }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from selfdistill.rewards.common import NAN, apply_membership, as_float64, clip
+from selfdistill.rewards.common import NAN, apply_membership, as_float64, belief_shift_metrics, clip
 
 SHIFT_CLIP = 2.0
 FLIP_TO_GOLD_BONUS = 1.0
@@ -54,3 +54,9 @@ def pmi_shift_reward(
     bad = ~torch.isfinite(b_open) | ~torch.isfinite(b_close) | ~torch.isfinite(r)
     r = torch.where(bad, torch.full_like(r, NAN), r)
     return apply_membership(r, member, "pmi_shift_reward")
+
+
+def pmi_shift_metrics(belief_open: Tensor, belief_close: Tensor, values: Tensor) -> dict[str, float]:
+    """Belief at open and close over PMI-shift's members; flips counted across +-eps (0)."""
+    return belief_shift_metrics({"open": belief_open, "close": belief_close}, belief_open, belief_close, values,
+                                eps=DEFAULT_EPS)

@@ -1,35 +1,106 @@
-"""Reward registry (SPEC section 2): one entry per config name (`reward.name`).
+"""Reward registry (SPEC section 2): one entry per config name (`reward.name`); the entry drives scoring.
 
-Every arm has the correctness head; a meta arm adds one meta head. An entry says which function
-computes the meta head, where its advantage goes (SPEC section 4) and which scorer passes it needs,
-so the scorer runs exactly those passes and nothing else:
+Every arm has the correctness head (`base.correctness_reward`, +1 / -1); a meta arm adds one meta
+head, and its entry says everything the scorer (`meta_scorer.score_meta_head`) needs to compute
+it, so the scorer knows no arm by name and a new arm is an entry plus its pure function:
 
-- needs_pmi_passes: continuation C scored after P+M, P, P+placebo (`pmi_reward`).
-- needs_gm_passes: gold and decoy scored after X+M and X+placebo (`gm_reward`).
-- needs_belief_open_close: gold and decoy scored after the open and close contexts (`belief` twice,
-  then `pmi_shift_reward`).
-- needs_split_arms: the group is generated as n/2 with meta, n/2 without (`rollout.split_arms`).
-- needs_text_membership: the scorer decodes M and C and applies
-  `guards.belief_membership_reason(meta_head, ...)` (needs gold and the boxed answer for pmi).
-- uses_agg: the function takes `agg=cfg.reward.agg`.
+- meta_fn: the head's pure function, called with the inputs its parameter names ask for (below).
+  A parameter with a default that no input supplies keeps its default (pmi_shift's scale and
+  eps, asym_cf's alpha, beta, gamma); a required one that no input supplies fails when the entry
+  is made.
+- meta_head: the head's name in the heads dict and in metrics (`reward/<head>/...`).
+- meta_route: where its advantage goes (SPEC section 4): ROUTE_META or ROUTE_ANSWER_WITH_ARM.
+- passes (`ScorerPasses`): the frozen scorer's teacher-forced passes and the membership rules of
+  a head scored from the first closed meta block M; None for a head computed from correctness and
+  the arm split alone (no scorer model, no membership rule: the function returns NaN itself).
+- metrics_fn: optional head-specific metrics, its inputs bound the same way plus `values` (the
+  head's values); returns {metric name: float}.
+
+Inputs by name (R rollouts):
+    correct, correct01   bool [R]: graded correct (grade 1; wrong, no answer, timeout -> False)
+    with_arm             bool [R]: generated with meta allowed (the cf / asym_cf split)
+    group_ids            long [R]: the rollout's prompt
+    emitted_meta         bool [R]: the rollout holds a meta block (`MetaRegions.emitted`)
+    agg                  str: `reward.agg`
+  with passes:
+    member               bool [R]: the membership rules of SPEC section 2 hold
+    target "continuation", per context name n:
+      logp_<n>           float64 [R, K]: log p of C's tokens teacher-forced after context n
+      cont_mask          bool [R, K]: C's tokens (rows of non-members all False)
+    target "answers", per context name n:
+      gold_logp_<n>, decoy_logp_<n>  float64 [R, K]: log p of the `\\boxed{gold}` / `\\boxed{decoy}`
+                         tokens after context n (read at divergent positions only)
+      belief_<n>         float64 [R]: B(context n) of SPEC section 1
+      divergent_mask     bool [R, K]
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
-from selfdistill.rewards.asym_cf import asym_cf_reward
-from selfdistill.rewards.base import correctness_reward
-from selfdistill.rewards.cf import cf_reward
-from selfdistill.rewards.gm import gm_reward
-from selfdistill.rewards.pmi import pmi_reward
-from selfdistill.rewards.pmi_shift import pmi_shift_reward
+from selfdistill.rewards.asym_cf import asym_cf_metrics, asym_cf_reward
+from selfdistill.rewards.cf import cf_metrics, cf_reward
+from selfdistill.rewards.gm import gm_metrics, gm_reward
+from selfdistill.rewards.guards import Guard, membership_reason, pmi_guard_reason
+from selfdistill.rewards.pmi import pmi_metrics, pmi_reward
+from selfdistill.rewards.pmi_shift import pmi_shift_metrics, pmi_shift_reward
 
 CORRECTNESS_HEAD = "correctness"
 ROUTE_META = "meta"  # the advantage goes to the meta tokens
 ROUTE_ANSWER_WITH_ARM = "answer_with_arm"  # to the answer tokens of with-arm rollouts
 META_ROUTES = (ROUTE_META, ROUTE_ANSWER_WITH_ARM)
+
+# Scoring contexts (SPEC section 1): the chat-templated prompt, then the completion's own token ids
+# up to the first closed meta block M (P), optionally followed by M or by the placebo block.
+CONTEXT_PREFIX = "prefix"  # prompt + P
+CONTEXT_PREFIX_META = "prefix_meta"  # prompt + P + M (through its <|/meta|>)
+CONTEXT_PREFIX_PLACEBO = "prefix_placebo"  # prompt + P + the placebo block (tokenized on its own)
+CONTEXTS = (CONTEXT_PREFIX, CONTEXT_PREFIX_META, CONTEXT_PREFIX_PLACEBO)
+# What is scored after each context: the continuation C, or the gold and decoy answer strings.
+TARGET_CONTINUATION = "continuation"
+TARGET_ANSWERS = "answers"
+TARGETS = (TARGET_CONTINUATION, TARGET_ANSWERS)
+
+BASE_INPUTS = frozenset({"correct", "correct01", "with_arm", "group_ids", "emitted_meta", "agg"})
+
+
+@dataclass(frozen=True)
+class ScorerPasses:
+    """The scorer work of a head scored from the first closed meta block M (SPEC sections 1-2).
+
+    target: TARGET_CONTINUATION (C scored after each context) or TARGET_ANSWERS (gold and decoy
+    scored after each context). contexts: (input name, context) pairs, in the order the passes are
+    registered; the names become the `logp_<name>` / `gold_logp_<name>` / ... inputs.
+    needs_continuation: a C of only whitespace makes a non-member. guard: an extra text rule
+    (`guards.Guard`), e.g. PMI's anti-gaming guard. The other membership rules (a closed block,
+    a non-blank M, a scorable gold/decoy pair) hold for every such head.
+    """
+
+    target: str
+    contexts: tuple[tuple[str, str], ...]
+    needs_continuation: bool = False
+    guard: Optional[Guard] = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"ScorerPasses: target {self.target!r} is not one of {', '.join(TARGETS)}")
+        names = [name for name, _ in self.contexts]
+        if not names or len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+            raise ValueError(f"ScorerPasses: context names {names} must be distinct identifiers, at least one")
+        bad = [ctx for _, ctx in self.contexts if ctx not in CONTEXTS]
+        if bad:
+            raise ValueError(f"ScorerPasses: contexts {bad} are not valid; choose from {', '.join(CONTEXTS)}")
+
+    @property
+    def inputs(self) -> frozenset[str]:
+        """The input names these passes supply."""
+        names = [name for name, _ in self.contexts]
+        if self.target == TARGET_CONTINUATION:
+            return frozenset({"member", "cont_mask", *(f"logp_{n}" for n in names)})
+        return frozenset({"member", "divergent_mask",
+                          *(f"{kind}_{n}" for n in names for kind in ("gold_logp", "decoy_logp", "belief"))})
 
 
 @dataclass(frozen=True)
@@ -38,38 +109,79 @@ class RewardSpec:
     meta_fn: Optional[Callable[..., object]]  # None for base
     meta_head: Optional[str]  # the meta head's name in metrics (reward/<head>/...); None for base
     meta_route: Optional[str]  # one of META_ROUTES; None for base
-    needs_pmi_passes: bool = False
-    needs_gm_passes: bool = False
-    needs_belief_open_close: bool = False
-    needs_split_arms: bool = False
-    needs_text_membership: bool = False
-    uses_agg: bool = False
-    correctness_fn: Callable[..., object] = correctness_reward
+    passes: Optional[ScorerPasses] = None  # None: no scorer pass (base, cf, asym_cf)
+    metrics_fn: Optional[Callable[..., dict]] = None
 
     @property
     def heads(self) -> tuple[str, ...]:
         """Head names in order: correctness always, then the meta head if any."""
         return (CORRECTNESS_HEAD,) if self.meta_head is None else (CORRECTNESS_HEAD, self.meta_head)
 
+    @property
+    def needs_scorer(self) -> bool:
+        """The arm runs scorer passes (so it needs a scorer model: the frozen reference, or the
+        policy with `reward.use_policy_as_scorer`)."""
+        return self.passes is not None
+
+    @property
+    def inputs(self) -> frozenset[str]:
+        """The input names the scorer supplies to this entry's functions."""
+        return BASE_INPUTS | (self.passes.inputs if self.passes is not None else frozenset())
+
     def __post_init__(self) -> None:
         if (self.meta_fn is None) != (self.meta_head is None) or (self.meta_head is None) != (self.meta_route is None):
             raise ValueError(f"RewardSpec {self.name!r}: meta_fn, meta_head and meta_route are set together or not at all")
         if self.meta_route is not None and self.meta_route not in META_ROUTES:
             raise ValueError(f"RewardSpec {self.name!r}: meta_route {self.meta_route!r} is not one of {', '.join(META_ROUTES)}")
+        if self.meta_head == CORRECTNESS_HEAD:
+            raise ValueError(f"RewardSpec {self.name!r}: meta_head may not be {CORRECTNESS_HEAD!r} (every arm has that head)")
+        if self.meta_fn is None and (self.passes is not None or self.metrics_fn is not None):
+            raise ValueError(f"RewardSpec {self.name!r}: passes and metrics_fn need a meta head (meta_fn)")
+        if self.meta_fn is not None:
+            _check_binding(self.meta_fn, self.inputs, f"RewardSpec {self.name!r}: meta_fn")
+        if self.metrics_fn is not None:
+            _check_binding(self.metrics_fn, self.inputs | {"values"}, f"RewardSpec {self.name!r}: metrics_fn")
+
+
+def _check_binding(fn: Callable, available: frozenset[str], where: str) -> None:
+    """Every required parameter of `fn` is an available input, and all can be passed by name."""
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise ValueError(f"{where} {getattr(fn, '__name__', fn)!r}: parameter {name!r} cannot be bound by name")
+        if p.default is p.empty and name not in available:
+            raise ValueError(f"{where} {getattr(fn, '__name__', fn)!r} needs input {name!r}, which this entry does not "
+                             f"supply; it supplies: {', '.join(sorted(available))}")
+
+
+def call_with_inputs(fn: Callable, inputs: Mapping[str, object]):
+    """`fn` called with the inputs its parameters name (the others keep their defaults)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{name: inputs[name] for name in params if name in inputs})
 
 
 REWARDS: dict[str, RewardSpec] = {
     "base": RewardSpec("base", None, None, None),
     "pmi": RewardSpec(
         "pmi", pmi_reward, "pmi", ROUTE_META,
-        needs_pmi_passes=True, needs_text_membership=True, uses_agg=True,
+        passes=ScorerPasses(
+            TARGET_CONTINUATION,
+            (("real", CONTEXT_PREFIX_META), ("without", CONTEXT_PREFIX), ("placebo", CONTEXT_PREFIX_PLACEBO)),
+            needs_continuation=True, guard=pmi_guard_reason,
+        ),
+        metrics_fn=pmi_metrics,
     ),
-    "cf": RewardSpec("cf", cf_reward, "cf", ROUTE_ANSWER_WITH_ARM, needs_split_arms=True),
-    "gm": RewardSpec("gm", gm_reward, "gm", ROUTE_META, needs_gm_passes=True, needs_text_membership=True),
-    "asym_cf": RewardSpec("asym_cf", asym_cf_reward, "asym_cf", ROUTE_ANSWER_WITH_ARM, needs_split_arms=True),
+    "cf": RewardSpec("cf", cf_reward, "cf", ROUTE_ANSWER_WITH_ARM, metrics_fn=cf_metrics),
+    "gm": RewardSpec(
+        "gm", gm_reward, "gm", ROUTE_META,
+        passes=ScorerPasses(TARGET_ANSWERS, (("meta", CONTEXT_PREFIX_META), ("placebo", CONTEXT_PREFIX_PLACEBO)),
+                            needs_continuation=True),
+        metrics_fn=gm_metrics,
+    ),
+    "asym_cf": RewardSpec("asym_cf", asym_cf_reward, "asym_cf", ROUTE_ANSWER_WITH_ARM, metrics_fn=asym_cf_metrics),
     "pmi_shift": RewardSpec(
         "pmi_shift", pmi_shift_reward, "pmi_shift", ROUTE_META,
-        needs_belief_open_close=True, needs_text_membership=True,
+        passes=ScorerPasses(TARGET_ANSWERS, (("open", CONTEXT_PREFIX), ("close", CONTEXT_PREFIX_META))),
+        metrics_fn=pmi_shift_metrics,
     ),
 }
 
@@ -82,3 +194,23 @@ def get_reward(name: str) -> RewardSpec:
         raise ValueError(
             f"unknown reward {name!r} (config reward.name); valid rewards: {', '.join(REWARDS)}"
         ) from None
+
+
+def belief_membership_reason(
+    head: str,
+    *,
+    has_closed_block: bool,
+    meta_text: str,
+    continuation_text: str,
+    gold: Optional[str] = None,
+    boxed: Optional[str] = None,
+) -> Optional[str]:
+    """`guards.membership_reason` with the rules of registered head `head` (one with scorer passes:
+    pmi, gm, pmi_shift), or None if the rollout is a member. See `membership_reason`."""
+    scored = {spec.meta_head: spec.passes for spec in REWARDS.values() if spec.passes is not None}
+    if head not in scored:
+        raise ValueError(f"belief_membership_reason: head {head!r} is not scored from a meta block; choose one of "
+                         f"{', '.join(scored)}")
+    passes = scored[head]
+    return membership_reason(has_closed_block=has_closed_block, meta_text=meta_text, continuation_text=continuation_text,
+                             needs_continuation=passes.needs_continuation, guard=passes.guard, gold=gold, boxed=boxed)

@@ -21,6 +21,7 @@ from selfdistill.algo.grpo import Advantages
 from selfdistill.algo.update import LossTerm
 from selfdistill.data import encode_prompt
 from selfdistill.data.sampler import rank_slice
+from selfdistill.rewards.regions import rollout_outside_meta_texts
 from selfdistill.rewards.registry import get_reward
 from selfdistill.rewards.scoring import compute_reward_heads
 from selfdistill.rollout.base import RolloutBatch, rollout_seed
@@ -66,8 +67,7 @@ def needs_reference(cfg) -> bool:
 
 def arm_scores(cfg) -> bool:
     """The reward arm runs scorer passes (PMI, gm, belief open/close)."""
-    spec = get_reward(cfg.reward.name)
-    return bool(spec.needs_pmi_passes or spec.needs_gm_passes or spec.needs_belief_open_close)
+    return get_reward(cfg.reward.name).needs_scorer
 
 
 def scorer(ctx: StageContext):
@@ -97,7 +97,7 @@ def collect_rollouts(ctx: StageContext, num_prompts: int) -> Rollouts:
     times["rollout"] = time.perf_counter() - t
     t = time.perf_counter()
     golds = [ex.gold for ex in exs for _ in range(cfg.rollout.n)]
-    grades = torch.tensor(ctx.grader.grade(batch.texts, golds))
+    grades = torch.tensor(ctx.grader.grade(rollout_outside_meta_texts(batch, ctx.tokenizer, ctx.meta_ids), golds))
     times["grade"] = time.perf_counter() - t
     t = time.perf_counter()
     with scorer(ctx) as model:
@@ -136,7 +136,6 @@ def step_record(ctx: StageContext, ro: Rollouts, upd: dict[str, float], t0: floa
         "reward": float(r.mean()), "reward_std": float(r.std(1).mean()), "accuracy": float(correct.mean()),
         "completions/mean_length": float(lengths.mean()),
         "completions/clipped_ratio": float(batch.truncated.float().mean()) if batch.truncated is not None else 0.0,
-        "meta/emission_rate": float(torch.tensor(["<|meta|>" in t for t in batch.texts]).float().mean()),
         **upd, **ro.advantages.metrics, **ro.reward_metrics,
     }
     counts = engine.reduce_sum({"ntok": int(batch.completion_mask.sum()), **ctx.grader.metrics(),
