@@ -178,7 +178,7 @@ def all_meta_scoring(arm: str, sft_ckpt: str, overrides: list[str], rollouts: in
         group_ids, with_arm, examples = torch.arange(R) // n, torch.arange(R) % n < n // 2, exs[::n]
     else:  # belief heads: every rollout its own prompt and example, so no pass is shared
         group_ids, with_arm, examples = torch.arange(R), torch.ones(R, dtype=torch.bool), exs
-    batch = RolloutBatch([encode_prompt(tok, e, cfg.data.system_prompt) for e in exs], ids, mask, torch.zeros_like(mask),
+    batch = RolloutBatch([encode_prompt(tok, e, cfg.data) for e in exs], ids, mask, torch.zeros_like(mask),
                          group_ids, with_arm, [e.solution for e in exs])
     answers = [extract_boxed_answer(p) for p in rollout_outside_meta_texts(batch, tok, meta_token_ids(tok))]
     grades = torch.tensor([1 if a == e.gold else 0 for a, e in zip(answers, exs)])

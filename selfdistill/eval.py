@@ -6,6 +6,7 @@ from collections import defaultdict
 
 from tqdm.auto import tqdm
 
+from selfdistill.config import DataConfig
 from selfdistill.data import Example, encode_prompt
 from selfdistill.models import meta_token_ids
 from selfdistill.rewards.regions import content_regions, meta_emitted, rollout_outside_meta_texts
@@ -13,9 +14,10 @@ from selfdistill.rollout.base import MetaMode
 
 
 def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tokens: int, batch_size: int,
-             greedy: bool = True, temperature: float = 1.0, system_prompt: str | None = None,
+             greedy: bool = True, temperature: float = 1.0, data: DataConfig | None = None,
              prefix: str = "eval", progress: bool = True) -> dict[str, float]:
-    """Generate one completion per example (greedy by default), grade, and aggregate."""
+    """Generate one completion per example (greedy by default), grade, and aggregate. `data`: the run's data
+    config, which says how prompts are encoded (`encode_prompt`)."""
     if not examples:
         raise ValueError("evaluation split is empty: set data.eval_path or data.synthetic.num_eval")
     meta_ids = meta_token_ids(tokenizer)
@@ -24,7 +26,7 @@ def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tok
     bar = tqdm(total=len(examples), desc=prefix, disable=not progress, leave=False)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in chunk]
+        prompts = [encode_prompt(tokenizer, ex, data or DataConfig()) for ex in chunk]
         batch = backend.generate(prompts, [MetaMode.ALLOW] * len(chunk), max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=1.0, greedy=greedy)
         grades = grader.grade(rollout_outside_meta_texts(batch, tokenizer, meta_ids), [ex.gold for ex in chunk])

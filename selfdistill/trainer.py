@@ -49,7 +49,7 @@ class Trainer:
         seed_everything(cfg.seed + engine.rank)
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         model = engine.wrap(model)
-        train_set, held_out = load_splits(cfg.data)
+        train_set, held_out = load_splits(cfg.data, tokenizer)  # tokenizer: data.max_prompt_tokens
         self.ctx = StageContext(
             cfg=cfg, run_dir=run_dir, engine=engine, model=model, tokenizer=tokenizer, meta_ids=meta_token_ids(tokenizer),
             train_set=train_set, held_out=held_out, sampler=PromptSampler(len(train_set), cfg.seed),

@@ -331,7 +331,7 @@ def test_only_rank_zero_is_a_hydra_run():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["engine=single", "engine.mixed_precision=bf16"], "no mixed-precision policy"),
+    (["engine=single", "engine.mixed_precision=bf16", "model.dtype=bfloat16"], "set model.dtype=float32"),
     (["engine=fsdp2", "engine.mixed_precision=fp16"], "dynamic loss scaling"),
     (["engine=deepspeed_zero3", "engine.gather_for_generation=false"], "gather_for_generation=false is not supported"),
 ])

@@ -37,7 +37,7 @@ class FSDP2Engine(Engine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        self._remember_architecture(model)
+        self._prepare(model)
         model = model.to(self.device)
         self._broadcast_from_rank0(model)  # ranks seed differently: start every shard from rank 0's init
         mesh = init_device_mesh(self.device.type, (self.world_size,))

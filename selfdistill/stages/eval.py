@@ -17,7 +17,7 @@ def run(ctx: StageContext) -> None:
     with engine.generation_context():
         res = evaluate(ctx.backend, ctx.tokenizer, exs, ctx.grader, max_new_tokens=cfg.eval.max_new_tokens,
                        batch_size=cfg.eval.batch_size, greedy=cfg.eval.greedy, temperature=cfg.rollout.temperature,
-                       system_prompt=cfg.data.system_prompt, prefix="heldout",
+                       data=cfg.data, prefix="heldout",
                        progress=engine.is_main and cfg.trainer.progress)
     res = merge_rank_results(engine.gather_objects(res))  # ranks may hold different domains / bands
     ctx.state.evals.append({"after": after, **res})

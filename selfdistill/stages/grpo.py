@@ -87,7 +87,7 @@ def collect_rollouts(ctx: StageContext, num_prompts: int) -> Rollouts:
     times, t = {}, time.perf_counter()
     idx = rank_slice(ctx.sampler.next_batch(num_prompts), engine.rank, engine.world_size)
     exs = [ctx.train_set[i] for i in idx]
-    prompts = [encode_prompt(ctx.tokenizer, ex, cfg.data.system_prompt) for ex in exs]
+    prompts = [encode_prompt(ctx.tokenizer, ex, cfg.data) for ex in exs]
     # Rollouts are seeded per prompt (seed, step, position in the global batch), not by the rank's
     # RNG: the same samples for any world size, and after a resume.
     first = engine.rank * len(idx)
