@@ -10,7 +10,11 @@ micro-batches with exact loss weights, the fused LM-head log-prob op, the guarde
     model.gradient_checkpointing   off / on
     engine.mixed_precision   no (fp32) / bf16  (fp32 master weights and AdamW state either way)
 
-Each combination runs in a fresh process (engine=single). Columns:
+Each combination runs in a fresh process (engine=single). The LM-head log-prob op runs as in
+training on a GPU: `ops.backend=auto` (Triton) on CUDA; on CPU `ops.backend=cuda`, whose C++ CPU
+path (csrc/, built on first use) keeps O(N) floats per micro-batch as the Triton kernel does. (The
+torch reference, `--ops-backend torch`, saves each micro-batch's fp32 [N, 151936] log-softmax for
+backward, which then dominates every row.) Columns:
 - `peak_mb`: the process's peak (CPU: peak resident set, VmHWM; CUDA: max_memory_allocated);
 - `step_peak_mb`: the peak above the memory held just before the step (the model, on CPU the
   Python runtime too): the step's gradients, its activations and temporaries, and, unless
@@ -61,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--completion-len", type=int, default=None)
     p.add_argument("--checkpointing", default="off,on")
     p.add_argument("--precisions", default="no,bf16", help="engine.mixed_precision values")
+    p.add_argument("--ops-backend", default=None, choices=("auto", "torch", "triton", "cuda"),
+                   help="ops.backend (default: auto on CUDA, cuda on CPU: the csrc extension's C++ path)")
     p.add_argument("--warmup", type=int, default=0, choices=(0, 1), help="steps before the measured one")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     p.add_argument("--json", default=None)
@@ -77,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.prompt_len = a.prompt_len or preset["prompt_len"]
     a.completion_len = a.completion_len or preset["completion_len"]
     a.checkpointing = [x == "on" for x in a.checkpointing.split(",")]
+    a.ops_backend = a.ops_backend or ("auto" if a.device == "cuda" else "cuda")
     a.precisions = a.precisions.split(",")
     return a
 
@@ -110,7 +117,7 @@ def run_one(spec: dict) -> dict:
         "engine=single", f"engine.mixed_precision={spec['precision']}", f"trainer.device={spec['device']}",
         f"model.gradient_checkpointing={str(spec['checkpointing']).lower()}", f"grpo.micro_batch_size={spec['micro_batch']}",
         "grpo.lr=1e-6", "grpo.warmup_steps=0", f"rollout.max_new_tokens={spec['completion_len']}",
-        "algo.entropy_coef=0.001",
+        "algo.entropy_coef=0.001", f"ops.backend={spec['ops_backend']}",
     ])
     ops.set_backend(cfg.ops.backend)
     torch.manual_seed(0)
@@ -132,6 +139,10 @@ def run_one(spec: dict) -> dict:
     def step(s: int) -> None:
         grpo.policy_update(engine, batch, advantages, 0, cfg, s)
 
+    # the op's first call (JIT build / load of the csrc extension, Triton compilation) stays out of the step
+    device = engine.device
+    ops.sequence_token_logprobs(torch.zeros(2, shape["hidden_size"], device=device),
+                                torch.zeros(4, shape["hidden_size"], device=device), torch.zeros(2, dtype=torch.long, device=device))
     for s in range(spec["warmup"]):
         step(s)
     if cuda:
@@ -165,7 +176,7 @@ def main(argv=None) -> None:
     for precision, ckpt, mb in itertools.product(a.precisions, a.checkpointing, a.micro_batches):
         spec = {"precision": precision, "checkpointing": ckpt, "micro_batch": mb, "device": a.device, "shape": a.shape,
                 "rows": a.rows, "prompt_len": a.prompt_len, "completion_len": a.completion_len, "warmup": a.warmup,
-                "threads": a.threads}
+                "threads": a.threads, "ops_backend": a.ops_backend}
         row = {"precision": "bf16" if precision == "bf16" else "fp32", "checkpointing": ckpt, "micro_batch": mb}
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--device", a.device],
                               capture_output=True, text=True, env=env, cwd=ROOT)
@@ -189,7 +200,8 @@ def main(argv=None) -> None:
         doc = {"benchmark": "grpo_step_memory", "device": a.device,
                "device_name": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__, "preset": a.preset, "shape": a.shape, "rows": a.rows,
-               "prompt_len": a.prompt_len, "completion_len": a.completion_len, "warmup": a.warmup, "total_s": total_s,
+               "prompt_len": a.prompt_len, "completion_len": a.completion_len, "warmup": a.warmup,
+               "ops_backend": a.ops_backend, "total_s": total_s,
                "results": rows}
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_memory_smoke(tmp_path):
     out = tmp_path / "memory.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--preset", "tiny", "--device", "cpu",
-           "--micro-batches", "8,2", "--checkpointing", "on", "--precisions", "bf16", "--threads", "1", "--json", str(out)]
+           "--micro-batches", "8,2", "--checkpointing", "on", "--precisions", "bf16", "--threads", "1", "--ops-backend", "torch", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
