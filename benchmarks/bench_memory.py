@@ -20,6 +20,9 @@ backward, which then dominates every row.) Columns:
   Python runtime too): the step's gradients, its activations and temporaries, and, unless
   `--warmup 1`, the AdamW moments created by the first step (2 x parameters in fp32, the same
   in every row);
+- `activations_mb`: `step_peak_mb` less the fp32 gradients (4 bytes per parameter) and, without
+  warm-up, the AdamW moments (8 bytes per parameter): the activations and temporaries, which is
+  what micro-batching, checkpointing and bf16 act on;
 - `step_s`: the step's wall time.
 On CPU the child runs with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors return to the OS and
 the resident set follows what is allocated. A combination that does not fit reports `error`.
@@ -160,7 +163,10 @@ def run_one(spec: dict) -> dict:
     step_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()[1]
     params = sum(p.numel() for p in model.parameters())
-    return {"peak_mb": peak, "step_peak_mb": peak - before, "before_mb": before, "step_s": step_s, "params": params}
+    # fp32 gradients, plus the two fp32 AdamW moments when this step created them
+    state_mb = (4 + (8 if spec["warmup"] == 0 else 0)) * params / 2**20
+    return {"peak_mb": peak, "step_peak_mb": peak - before, "activations_mb": peak - before - state_mb,
+            "before_mb": before, "step_s": step_s, "params": params}
 
 
 def main(argv=None) -> None:
@@ -188,7 +194,8 @@ def main(argv=None) -> None:
             row["error"] = tail[-1][:300] if tail else f"exit code {proc.returncode}"
         rows.append(row)
         cells = [f"{row['precision']:>5}", f"ckpt={'on ' if ckpt else 'off'}", f"micro={mb:>3}"]
-        cells += ([f"peak {row['peak_mb']:9.1f} MB", f"step peak {row['step_peak_mb']:9.1f} MB", f"{row['step_s']:7.2f} s"]
+        cells += ([f"peak {row['peak_mb']:9.1f} MB", f"step peak {row['step_peak_mb']:9.1f} MB",
+                   f"activations {row['activations_mb']:9.1f} MB", f"{row['step_s']:7.2f} s"]
                   if "error" not in row else [f"error: {row['error']}"])
         print(" | ".join(cells), flush=True)
     total_s = time.perf_counter() - t_start

@@ -38,7 +38,7 @@ def load_splits(cfg: DataConfig, tokenizer=None) -> tuple[list[Example], list[Ex
 def drop_long_prompts(examples: list[Example], tokenizer, cfg: DataConfig, split: str) -> list[Example]:
     """The rows whose encoded prompt (`encode_prompt`, as the policy sees it) has at most
     `data.max_prompt_tokens` tokens. The dropped rows are counted and logged; a split left empty is
-    an error naming the longest prompt kept out."""
+    an error naming the limit and the range of prompt lengths."""
     limit = cfg.max_prompt_tokens
     lengths = [len(encode_prompt(tokenizer, ex, cfg)) for ex in examples]
     kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
