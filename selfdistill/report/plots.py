@@ -60,7 +60,8 @@ def delta_vs_base(report: dict, out_dir: str) -> str | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     anchor = report["summary"]["anchor"]
     if anchor and anchor["n"] >= 2:
-        ax.axhspan(-anchor["range"], anchor["range"], color="gray", alpha=0.15, label=f"base seed spread (±{anchor['range']:.3f})")
+        ax.axhspan(-anchor["range"], anchor["range"], color="gray", alpha=0.15,
+                   label=f"{base} held-out seed spread (±{anchor['range']:.3f}): noise")
     ax.axhline(0, color=BASE_COLOR, lw=1)
     for arm, d in deltas.items():
         ax.plot([p["step"] for p in d["mean"]], [p["delta"] for p in d["mean"]], color=colors[arm], marker="o", ms=3, label=arm)
@@ -131,8 +132,12 @@ def meta_by_band(report: dict, out_dir: str) -> str | None:
     if not arms:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 4), squeeze=False)
-    for ax, arm in zip(axes[0], arms):
+    cols = min(3, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(arms):]:
+        ax.set_visible(False)
+    for ax, arm in zip(axes.flat, arms):
         cells = {**table[arm], "pooled": meta[arm]["pooled"]}
         groups = list(cells)
         for offset, side, color in ((-0.2, "with_meta", "tab:green"), (0.2, "without_meta", "tab:gray")):
