@@ -91,7 +91,8 @@ def compare_pair(arm: Run, base: Run, cfg, audit_passed: bool) -> dict:
     shared = set(arm.steps(HELD_OUT)) & set(base.steps(HELD_OUT))
     step = cfg.step if cfg.step is not None else max(shared, default=None)
     if step is None or step not in shared:
-        return {**entry, "compared": False, "reason": f"no shared held-out evaluation at step {cfg.step if cfg.step is not None else '(any)'}"}
+        at = cfg.step if cfg.step is not None else "(any)"
+        return {**entry, "compared": False, "reason": f"no shared held-out evaluation at step {at}"}
     ar, br = arm.rows(HELD_OUT, step), base.rows(HELD_OUT, step)
     diffs = paired_differences(ar, br)
     b, c, pairs = discordant_pairs(ar, br)

@@ -22,6 +22,9 @@ def _f(x: Optional[float], digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
+_DRIFT = {True: "**DRIFT**", False: "no", None: "-"}
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -83,7 +86,7 @@ def summary_lines(report: dict) -> list[str]:
         drift = e["drift"]["flag"]
         rows.append([arm, ", ".join(map(str, e["seeds"])) or "-", acc_text, _f(g["mean"], signed=True) if g else "-",
                      f"[{_f(g['min'], signed=True)}, {_f(g['max'], signed=True)}]" if g else "-", e["noise"] or "-",
-                     _f(e["heldin_gain"], signed=True), {True: "**DRIFT**", False: "no", None: "-"}[drift],
+                     _f(e["heldin_gain"], signed=True), _DRIFT[drift],
                      "pass" if e["audit_passed"] else "**FAIL**"])
     anchor = s["anchor"]
     lines = _table(["arm", "seeds", "held-out accuracy mean ± std [min, max]", f"gain vs {base} (mean)",
@@ -115,7 +118,8 @@ def pairs_lines(report: dict, confidence: float) -> list[str]:
 def _step_table(series: dict, value: str, arms: list[str]) -> list[str]:
     steps = sorted({p["step"] for a in arms for p in series[a]["mean"]})
     if not steps:
-        return ["No held-in validation in these runs (set eval.every and eval.val_size)."]
+        return ["No held-in points to show (held-in validation needs eval.every and eval.val_size or data.val_path; "
+                "deltas need an arm and its base twin)."]
     by = {a: {p["step"]: p for p in series[a]["mean"]} for a in arms}
     rows = [[s, *[(_f(by[a][s][value], signed=value == "delta") + (f" ({by[a][s]['seeds']})" if by[a][s]["seeds"] > 1 else ""))
                   if s in by[a] else "-" for a in arms]] for s in steps]
@@ -157,10 +161,11 @@ def meta_lines(report: dict) -> list[str]:
 
 def drift_lines(report: dict, threshold: float) -> list[str]:
     rows = [[p["run"], p["heldin_step"] if p["heldin_step"] is not None else "-", _f(p["heldin_gain"], signed=True),
-             p["step"], _f(p["gain"], signed=True), {True: "**DRIFT**", False: "no", None: "-"}[p["drift"]["flag"]],
+             p["step"], _f(p["gain"], signed=True), _DRIFT[p["drift"]["flag"]],
              p["drift"]["reason"]] for p in report["comparisons"] if p["compared"]]
-    arms = [[f"{a} (mean over seeds)", "", _f(e["heldin_gain"], signed=True), "", _f(e["gain"]["mean"] if e["gain"] else None, signed=True),
-             {True: "**DRIFT**", False: "no", None: "-"}[e["drift"]["flag"]], e["drift"]["reason"]]
+    arms = [[f"{a} (mean over seeds)", "", _f(e["heldin_gain"], signed=True), "",
+             _f(e["gain"]["mean"] if e["gain"] else None, signed=True),
+             _DRIFT[e["drift"]["flag"]], e["drift"]["reason"]]
             for a, e in report["summary"]["arms"].items() if a != report["base_arm"]]
     if not rows:
         return ["No compared pair."]
