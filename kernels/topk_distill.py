@@ -4,9 +4,10 @@ per position, without fp32 [N, V] logits.
 The chunking, the matmuls and autograd are `selfdistill.ops.topk_distill_host` (the backward reuses
 `selfdistill.ops.logprob_host`'s vocabulary-slice walk); this module supplies three kernels:
 
-- `_topk_logprobs_kernel`, one program per row of a logits tile [n, V]: an online log-sum-exp
-  over the vocabulary in fp32 (z = logits / T; running max m and s = sum exp(z - m)), then the
-  log-probs at the row's K indices, (z_k - m) - log s. Saves (m, log s). Run once per side.
+- `_topk_logprobs_kernel`, one program per row of a logits tile [n, V]: the contrast kernels'
+  online log-sum-exp over the vocabulary in fp32 (z = logits / T; running max m and
+  s = sum exp(z - m)) with the log-probs at the row's K indices, (z_k - m) - log s. Saves
+  (m, log s). Run once per side.
 - `_topk_divergence_kernel`, one program per row of the [N, K] log-prob pairs (a = student,
   b = teacher): the categories (the K, plus the tail log(-expm1(lse_K)) with lse_K <= -1e-7, or the
   K renormalised), the divergence, and its gradient w.r.t. the student's K log-probs:
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from selfdistill.kernels.contrast import _row_log_softmax_at
 from selfdistill.kernels.utils import INTERPRETED, MAX_BLOCK_GPU, check_launchable, num_warps_for, tile_max, tile_sum, vocab_block
 from selfdistill.ops import topk_distill_host
 from selfdistill.ops.logprob_host import unit_column_stride
@@ -50,24 +52,10 @@ def _topk_logprobs_kernel(
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    m = float("-inf")
-    s = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tile_max(z))
-        # until the first finite logit (a leading tile of banned tokens) shift by 0, not by -inf
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - ref) + tile_sum(tl.exp(z - ref))
-        m = m_new
-    log_s = tl.log(s)
     ks = tl.arange(0, BLOCK_K)
     idx = tl.load(idx_ptr + row * K + ks, mask=ks < K, other=-1)
-    valid = (idx >= 0) & (idx < V)
-    z_k = tl.load(x_row + idx, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
-    # (z - m) - log s, not z - (m + log s): keeps log_softmax's precision when |z| is large
-    tl.store(logp_ptr + row * K + ks, (z_k - m) - log_s, mask=ks < K)
+    logp, m, log_s = _row_log_softmax_at(x_ptr + row * stride_x, idx, V, inv_temperature, BLOCK_V)
+    tl.store(logp_ptr + row * K + ks, logp, mask=ks < K)
     tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
 
@@ -134,11 +122,9 @@ def _topk_divergence_kernel(
         b_tail = _tail_logprob(_logsumexp(b), tail_lse_max)
         loss_k, g_k = _category_terms(a, b, log_1m_alpha, log_alpha, one_m_alpha, alpha, MODE)
         loss_tail, g_tail = _category_terms(a_tail, b_tail, log_1m_alpha, log_alpha, one_m_alpha, alpha, MODE)
-        # d a_tail / d a_k = -exp(lse_K - a_tail) softmax_K(a)_k while the clamp is open (torch.clamp
-        # passes lse_K = max); the within-K softmax sums to 1 to rounding, which the backward's
-        # g_k - p_k sum_j g_j needs to cancel the tail's large factor exp(lse_K - a_tail)
-        through_tail = tl.where(lse_a <= tail_lse_max, g_tail * tl.exp(lse_a - a_tail), 0.0)
-        grad = g_k - through_tail * tl.exp(a - lse_a)
+        # d a_tail / d a_k = -exp(a_k - a_tail) while the clamp is open (torch.clamp passes lse_K = max)
+        through_tail = tl.where(lse_a <= tail_lse_max, g_tail, 0.0)
+        grad = g_k - through_tail * tl.exp(a - a_tail)
         loss = tile_sum(loss_k) + loss_tail
     else:
         a = a - lse_a

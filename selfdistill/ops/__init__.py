@@ -4,7 +4,8 @@
 `auto` means Triton on CUDA tensors and the torch reference on CPU. An explicit `triton` on CPU
 runs through the Triton interpreter (set TRITON_INTERPRET=1 before `selfdistill.kernels` is first
 imported; slow, for tests). `cuda` is the csrc extension (selfdistill.ops.cuda_ext, built on first
-use; a CPU path too); it provides every op.
+use; a CPU path too); it provides every op but the top-K distillation (NotImplementedError naming
+ops.backend=triton or torch).
 The torch references are importable here under the same names as in `selfdistill.kernels`.
 """
 
