@@ -285,6 +285,15 @@ def test_chunking_does_not_change_the_result_and_runs_are_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(one, again))
 
 
+def test_teacher_in_another_dtype_than_the_student():
+    """A teacher held in another precision gets its own logits tile (the student's is fp32 here)."""
+    hidden, weight, t_hidden, t_weight, g = make(6, 8, 300, seed=12)
+    same = run_fused(kernels.fused_linear_topk_distill, hidden, weight, t_hidden, t_weight, g, 1.0, 10, True, 0.5, chunk_rows=4)
+    for impl in FUSED:
+        other = run_fused(impl, hidden, weight, t_hidden.double(), t_weight.double(), g, 1.0, 10, True, 0.5, chunk_rows=4)
+        assert all(err(a, b) < 1e-5 for a, b in zip(same, other)), impl.__module__
+
+
 def test_masked_positions_contribute_exactly_nothing():
     """A position the caller masks out (upstream gradient 0) gives 0 gradient, even where its
     divergence is infinite (Triton path; the torch reference's autograd gives 0 * inf = NaN there)."""
