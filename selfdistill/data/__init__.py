@@ -24,13 +24,19 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     return train, held_out
 
 
-def encode_prompt(tokenizer, example: Example, system_prompt: str | None = None) -> list[int]:
-    """Chat-templated prompt token ids, exactly as the policy sees them (SPEC section 1)."""
-    messages = list(example.prompt)
+def chat_prompt_text(tokenizer, messages: list[dict], system_prompt: str | None = None) -> str:
+    """The chat-templated text of `messages` (the system prompt added unless they have one),
+    ending in the assistant's generation prompt."""
+    messages = list(messages)
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}] + messages
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(tokenizer, example: Example, system_prompt: str | None = None) -> list[int]:
+    """Chat-templated prompt token ids, exactly as the policy sees them (SPEC section 1)."""
+    text = chat_prompt_text(tokenizer, example.prompt, system_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-__all__ = ["Example", "encode_prompt", "load_splits"]
+__all__ = ["Example", "chat_prompt_text", "encode_prompt", "load_splits"]

@@ -17,4 +17,11 @@ class Example:
     difficulty: Optional[str] = None  # extra_info.difficulty (band label or level), as a string
     decoy: Optional[str] = None  # built at load time from (gold, decoy_seed), SPEC section 3
     solution: Optional[str] = None  # worked solution for SFT, when the data has one
+    demonstration: Optional[str] = None  # the row's `demonstration` field (SDFT's teacher context)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def teacher_demonstration(self) -> Optional[str]:
+        """The demonstration SDFT's teacher reads (SPEC section 6): the row's `demonstration` field
+        when it has one, else its worked solution (verl `extra_info.solution`; the synthetic task's)."""
+        return self.demonstration if self.demonstration is not None else self.solution

@@ -4,6 +4,7 @@ One row:
     data_source: str                                    required
     prompt: [{"role": system|user|assistant, "content": str}, ...]   required, non-empty
     ability: str                                        optional, default "math"
+    demonstration: str                                  optional, SDFT's teacher context (else extra_info.solution)
     reward_model: {"ground_truth": str | int, ...}      required (`style` and other keys ignored)
     extra_info: {"id": str | int,                       required, unique within the file
                  "domain": str,                         optional, default "unknown"
@@ -199,6 +200,7 @@ def _example(raw: Any, row: _Row, decoy_seed: int) -> Example:
     domain = _optional_str(info.get("domain"), "extra_info.domain", row, "unknown")
     difficulty = _difficulty(info.get("difficulty"), row)
     solution = _optional_str(info.get("solution"), "extra_info.solution", row, None)
+    demonstration = _optional_str(raw.get("demonstration"), "demonstration", row, None)
     # Parquet structs give every row every key (null where absent): drop nulls so JSONL and
     # parquet load to the same Example.
     extra = {k: v for k, v in info.items() if k not in _EXTRA_INFO_FIELDS and v is not None}
@@ -210,7 +212,7 @@ def _example(raw: Any, row: _Row, decoy_seed: int) -> Example:
                         f"rejected, no decoy can be built (SPEC section 3): {e}") from e
     return Example(id=ex_id, prompt=prompt, gold=gold, data_source=data_source, ability=ability,
                    domain=domain, difficulty=difficulty, decoy=decoy, solution=solution,
-                   extra=extra)
+                   demonstration=demonstration, extra=extra)
 
 
 def load_examples(path: str | os.PathLike, decoy_seed: int = 42) -> list[Example]:
@@ -245,13 +247,16 @@ def _to_row(ex: Example) -> dict:
             raise DataError(f"example {ex.id!r}: extra key {k!r} collides with the "
                             f"extra_info.{k} field; keep it in the Example attribute")
         info[k] = v
-    return {
+    row = {
         "data_source": ex.data_source,
         "prompt": [{"role": m["role"], "content": m["content"]} for m in ex.prompt],
         "ability": ex.ability,
         "reward_model": {"style": "rule", "ground_truth": ex.gold},
         "extra_info": info,
     }
+    if ex.demonstration is not None:
+        row["demonstration"] = ex.demonstration
+    return row
 
 
 def save_examples(examples: list[Example], path: str | os.PathLike) -> None:
