@@ -27,7 +27,6 @@ TEACHERS = ("frozen", "ema", "live")
 SDFT_MODES = ("offline", "online")
 CURRICULA = ("none", "demo_length")
 BATCHINGS = ("single_pass", "three_pass")
-REWARDS = ("base", "pmi", "cf", "gm", "asym_cf", "pmi_shift")
 REWARD_AGGS = ("mean", "sum_clip", "mean_min")
 WITHOUT_MODES = ("placebo", "ban")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -270,7 +269,9 @@ def validate(cfg: Config | DictConfig) -> None:
     _choice(cfg.algo.token_weighting, "algo.token_weighting", TOKEN_WEIGHTINGS)
     _choice(cfg.engine.name, "engine.name", ENGINES)
     _choice(cfg.ops.backend, "ops.backend", OPS_BACKENDS)
-    _choice(cfg.reward.name, "reward.name", REWARDS)
+    from selfdistill.rewards.registry import REWARDS  # the registry is the list of arms
+
+    _choice(cfg.reward.name, "reward.name", tuple(REWARDS))
     _choice(cfg.reward.agg, "reward.agg", REWARD_AGGS)
     _choice(cfg.rollout.without_mode, "rollout.without_mode", WITHOUT_MODES)
     _choice(cfg.trainer.on_nonfinite, "trainer.on_nonfinite", NONFINITE_POLICIES)
@@ -312,7 +313,7 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
     if r.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
-    if cfg.reward.name in ("cf", "asym_cf"):
+    if REWARDS[cfg.reward.name].needs_split_arms:
         if not r.split_arms:
             raise ConfigError(
                 f"reward.name={cfg.reward.name} needs rollout.split_arms=true (n/2 with meta, n/2 without)"

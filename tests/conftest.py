@@ -22,10 +22,11 @@ TINY_RUN = [
 ]
 
 
-def compose_config(overrides: list[str], typed: bool = True):
+def compose_config(overrides: list[str], typed: bool = True, check: bool = True):
     with initialize_config_module(config_module="selfdistill.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return OmegaConf.to_object(cfg) if typed else cfg
 
 

@@ -1,10 +1,10 @@
 """Reward registry (SPEC section 2): one entry per config name, errors name the valid ones."""
 
+import inspect
+
 import pytest
 
 from selfdistill import config
-import inspect
-
 from selfdistill.rewards import (
     CONTEXT_PREFIX,
     CONTEXT_PREFIX_META,
@@ -20,10 +20,22 @@ from selfdistill.rewards import (
     pmi_reward,
     pmi_shift_reward,
 )
+from tests.conftest import compose_config
 
 
-def test_registry_matches_config_choices():
-    assert set(REWARDS) == set(config.REWARDS)
+
+def test_config_accepts_exactly_the_registered_arms(monkeypatch):
+    for name in REWARDS:
+        split = ["rollout.split_arms=true"] if REWARDS[name].needs_split_arms else []
+        config.validate(compose_config([f"reward.name={name}", *split], typed=False))
+    with pytest.raises(config.ConfigError, match="reward.name='pmi-shift'"):
+        config.validate(compose_config(["reward.name=pmi-shift"], typed=False, check=False))
+
+
+def test_split_arm_heads_are_the_ones_reading_with_arm():
+    assert {n for n, spec in REWARDS.items() if spec.needs_split_arms} == {"cf", "asym_cf"}
+    with pytest.raises(config.ConfigError, match="reward.name=cf needs rollout.split_arms=true"):
+        config.validate(compose_config(["reward.name=cf"], typed=False, check=False))
 
 
 def test_unknown_name_lists_valid_names():

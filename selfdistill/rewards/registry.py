@@ -124,6 +124,12 @@ class RewardSpec:
         return self.passes is not None
 
     @property
+    def needs_split_arms(self) -> bool:
+        """The head compares a group's with-meta and without-meta rollouts (its function reads
+        `with_arm`), so the group must be generated split (`rollout.split_arms`, SPEC section 2)."""
+        return self.meta_fn is not None and "with_arm" in inspect.signature(self.meta_fn).parameters
+
+    @property
     def inputs(self) -> frozenset[str]:
         """The input names the scorer supplies to this entry's functions."""
         return BASE_INPUTS | (self.passes.inputs if self.passes is not None else frozenset())
