@@ -31,12 +31,14 @@ from selfdistill.algo.update import LossTerm, StudentOutputs
 from selfdistill.rollout.base import RolloutBatch
 
 
-def sampled_token_loss(logp: Tensor, old_logp: Tensor, teacher_logp: Tensor, is_clip: float) -> Tensor:
-    """Per-token sampled-token distillation loss [B, T] (see the module docstring)."""
+def sampled_token_loss(logp: Tensor, old_logp: Tensor, teacher_logp: Tensor, is_clip: float, mask: Tensor | None = None) -> Tensor:
+    """Per-token sampled-token distillation loss [B, T] (see the module docstring); 0 off `mask`,
+    where whatever the inputs hold (NaN included) reaches neither the loss nor its gradient."""
+    mask = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask
     with torch.no_grad():
-        advantage = teacher_logp - logp
-        rho = torch.exp(logp - old_logp).clamp(max=is_clip)
-    return -rho * advantage * logp
+        advantage = torch.where(mask, teacher_logp - logp, 0.0)
+        rho = torch.where(mask, torch.exp(logp - old_logp).clamp(max=is_clip), 0.0)
+    return -(rho * advantage) * torch.where(mask, logp, 0.0)
 
 
 def weighted_row_means(per_token: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
@@ -78,7 +80,7 @@ def distill_term(distill, teacher: TeacherOutputs, batch: RolloutBatch, device, 
         rows_d = rows.to(device)
         mask = loss_mask[rows_d] & has[rows_d][:, None]
         if distill.loss == "sampled_token":
-            per_token = sampled_token_loss(out.logp, out.old_logp, teacher_logp[rows_d], distill.is_clip)
+            per_token = sampled_token_loss(out.logp, out.old_logp, teacher_logp[rows_d], distill.is_clip, mask)
         elif distill.loss == "topk":
             per_token = topk_token_loss(out, teacher, rows_d, completion_mask, temperature, distill.topk, distill.tail,
                                         distill.alpha)
