@@ -247,16 +247,13 @@ def _to_row(ex: Example) -> dict:
             raise DataError(f"example {ex.id!r}: extra key {k!r} collides with the "
                             f"extra_info.{k} field; keep it in the Example attribute")
         info[k] = v
-    row = {
+    return {
         "data_source": ex.data_source,
         "prompt": [{"role": m["role"], "content": m["content"]} for m in ex.prompt],
         "ability": ex.ability,
         "reward_model": {"style": "rule", "ground_truth": ex.gold},
         "extra_info": info,
     }
-    if ex.demonstration is not None:
-        row["demonstration"] = ex.demonstration
-    return row
 
 
 def save_examples(examples: list[Example], path: str | os.PathLike) -> None:
@@ -267,6 +264,9 @@ def save_examples(examples: list[Example], path: str | os.PathLike) -> None:
     path = Path(path)
     fmt = _format_of(path)
     rows = [_to_row(ex) for ex in examples]
+    if any(ex.demonstration is not None for ex in examples):  # a column for every row (parquet takes the first row's keys)
+        for row, ex in zip(rows, examples):
+            row["demonstration"] = ex.demonstration
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
         with open(path, "w", encoding="utf-8") as f:
