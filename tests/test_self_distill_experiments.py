@@ -59,12 +59,12 @@ SMOKE = [*TINY_RUN, "sdpo.steps=3", "sdpo.batch_size=2", "sdft.steps=3", "sdft.b
     ["experiment=sdpo", "reward=pmi", "reward.meta_warmup_steps=1", "algo.distill.weight=0.5", "algo.kl_coef=0.05"],
     ["experiment=sdpo", "reward=cf", "rollout=split", "algo.distill.teacher=ema", "algo.distill.feedback=true"],
     ["experiment=sdpo", "algo.distill.loss=topk", "algo.distill.topk=5", "algo.distill.teacher=live",
-     "algo.distill.feedback=true", "sdpo.micro_batch_size=3", "algo.filter_zero_std=true"],
+     "algo.distill.feedback=true", "sdpo.micro_batch_size=3"],
     ["experiment=sdft_baseline"],
     ["experiment=sdft_evolved"],
     ["experiment=sdft_evolved", "algo.sdft.mode=online", "algo.distill.loss=topk", "algo.distill.topk=4",
      "algo.distill.teacher=ema"],
-], ids=["sdpo", "sdpo-pmi-mixed-kl", "sdpo-cf-split-ema-feedback", "sdpo-topk-live-micro-filtered", "sdft_baseline",
+], ids=["sdpo", "sdpo-pmi-mixed-kl", "sdpo-cf-split-ema-feedback", "sdpo-topk-live-micro", "sdft_baseline",
         "sdft_evolved", "sdft-online-topk-ema"])
 def test_experiment_composes_and_runs_three_steps(tmp_path, overrides):
     cfg = compose_config([*overrides, *SMOKE])
