@@ -14,26 +14,15 @@ import statistics
 import sys
 import time
 
+import argparse
+
 import torch
+from bench_step import compose  # the benchmark scripts' one way to compose and validate a config
 
 # The tiny settings of `--smoke` (seconds per run on a 2-core CPU): the path runs, the numbers mean nothing.
 SMOKE_MODEL = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.tiny.num_attention_heads=2",
                "model.tiny.num_key_value_heads=1", "model.tiny.intermediate_size=128"]
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false"]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from omegaconf import OmegaConf
-
-    from selfdistill.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_module(config_module="selfdistill.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    validate(cfg)
-    return OmegaConf.to_object(cfg)
 
 
 def train(overrides: list[str], run_dir: str) -> tuple[list[dict], float]:
@@ -54,6 +43,29 @@ def sft_checkpoint(overrides: list[str], run_dir: str) -> tuple[str, float]:
 
     _, seconds = train([*overrides, "trainer.stages=[sft]"], run_dir)
     return ckpt.find_latest(run_dir), seconds
+
+
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """The result scripts' command line: seeds, --smoke, threads, run directory, JSON, Hydra overrides;
+    `extra(parser)` adds a script's own options."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (model init, sampler, rollouts / samples)")
+    p.add_argument("--smoke", action="store_true", help="tiny model and 3 steps: exercises the path, measures nothing")
+    p.add_argument("--threads", type=int, default=0, help="trainer.torch_threads (0 = torch's default)")
+    p.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (key=value)")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    return args
+
+
+def common_overrides(args, smoke: list[str]) -> list[str]:
+    """Overrides every run of a result script gets."""
+    return [*QUIET, *(smoke if args.smoke else []), *([f"trainer.torch_threads={args.threads}"] if args.threads else []),
+            *args.overrides]
 
 
 def mean_sd(values: list[float]) -> str:

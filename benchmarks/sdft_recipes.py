@@ -14,30 +14,16 @@ steps for the baseline, every 5 for the evolved recipe); the table shows the las
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 
-from _experiments import QUIET, SMOKE_MODEL, machine, markdown, mean_sd, sft_checkpoint, train
+from _experiments import SMOKE_MODEL, common_overrides, machine, markdown, mean_sd, parse_args, sft_checkpoint, train
 
 RECIPES = ("sdft_baseline", "sdft_evolved")
 SMOKE = [*SMOKE_MODEL, "sft.steps=4", "sft.batch_size=8", "sft.warmup_steps=1", "sdft.steps=3", "sdft.batch_size=4",
          "sdft.eval_every=2", "sdft.train_pairs=12", "sdft.eval_prompts=4", "rollout.max_new_tokens=12",
          "data.synthetic.num_train=64", "data.synthetic.num_eval=8", "reward.grader_workers=1"]
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (model init, sampler, teacher samples)")
-    p.add_argument("--smoke", action="store_true", help="tiny model and 3 steps: exercises the path, measures nothing")
-    p.add_argument("--threads", type=int, default=0, help="trainer.torch_threads (0 = torch's default)")
-    p.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
-    p.add_argument("--json", default=None, help="write the results to this file")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (key=value)")
-    args = p.parse_args()
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    return args
 
 
 def recipe_result(rows: list[dict], seconds: float) -> dict:
@@ -50,9 +36,8 @@ def recipe_result(rows: list[dict], seconds: float) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
-    common = [*QUIET, *(SMOKE if args.smoke else []), *([f"trainer.torch_threads={args.threads}"] if args.threads else []),
-              *args.overrides]
+    args = parse_args(__doc__.splitlines()[0])
+    common = common_overrides(args, SMOKE)
     root = args.out or tempfile.mkdtemp(prefix="sdft_recipes_")
     results: dict[str, dict[int, dict]] = {r: {} for r in RECIPES}
     sft_s = {}

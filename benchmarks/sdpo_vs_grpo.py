@@ -22,7 +22,7 @@ import os
 import statistics
 import tempfile
 
-from _experiments import QUIET, SMOKE_MODEL, machine, markdown, mean_sd, sft_checkpoint, train
+from _experiments import SMOKE_MODEL, common_overrides, machine, markdown, mean_sd, parse_args, sft_checkpoint, train
 
 ARMS = {
     "grpo": ["experiment=base"],
@@ -37,22 +37,8 @@ SERIES = {"entropy": "entropy", "emission": "meta/emission_rate", "accuracy": "a
           "teacher_student_kl": "self_distillation/teacher_student_kl", "teacher_fraction": "self_distillation/teacher_fraction"}
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (model init, sampler, rollouts)")
+def arm_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list out of {','.join(ARMS)}")
-    p.add_argument("--smoke", action="store_true", help="tiny model and 3 steps: exercises the path, measures nothing")
-    p.add_argument("--threads", type=int, default=0, help="trainer.torch_threads (0 = torch's default)")
-    p.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
-    p.add_argument("--json", default=None, help="write the results to this file")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (key=value)")
-    args = p.parse_args()
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    args.arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(args.arms) - set(ARMS))
-    if unknown:
-        p.error(f"unknown arms {unknown}; choose from {','.join(ARMS)}")
-    return args
 
 
 def window_mean(values: list[float], last: bool) -> float:
@@ -75,9 +61,12 @@ def arm_result(rows: list[dict], seconds: float) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
-    common = [*QUIET, *(SMOKE if args.smoke else []), *([f"trainer.torch_threads={args.threads}"] if args.threads else []),
-              *args.overrides]
+    args = parse_args(__doc__.splitlines()[0], arm_option)
+    args.arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; choose from {','.join(ARMS)}")
+    common = common_overrides(args, SMOKE)
     root = args.out or tempfile.mkdtemp(prefix="sdpo_vs_grpo_")
     results: dict[str, dict[int, dict]] = {a: {} for a in args.arms}
     sft_s = {}
