@@ -72,7 +72,10 @@ class SyntheticDataConfig:
 class DataConfig:
     source: str = "synthetic"  # synthetic | files
     train_path: Optional[str] = None  # .parquet or .jsonl in the verl schema (SPEC section 9)
-    eval_path: Optional[str] = None
+    eval_path: Optional[str] = None  # the held-out split (selfdistill.eval)
+    # A held-in validation file (same schema, drawn from the training distribution, no prompt shared
+    # with train_path); alternative to carving `eval.val_size` rows out of the train split.
+    val_path: Optional[str] = None
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     decoy_seed: int = 42
     system_prompt: Optional[str] = None
@@ -199,10 +202,36 @@ class SDFTStageConfig(StageOptimConfig):
 
 @dataclass
 class EvalConfig:
-    num_prompts: Optional[int] = None  # null = the whole held-out split
-    batch_size: int = 128
+    """Held-in validation during training and held-out evaluation at the `eval` stage (selfdistill.eval).
+
+    Held-in = `val_size` rows carved from the train split (never sampled by training) or the file
+    `data.val_path`: the training distribution, the seed's "held-in val". Held-out = `data.eval_path`
+    (synthetic: the disjoint held-out split), which training never informs."""
+
+    num_prompts: Optional[int] = None  # held-out problems evaluated (the first ones); null = all
+    batch_size: int = 128  # completions per generate call
     max_new_tokens: int = 64
-    greedy: bool = True
+    samples_per_problem: int = 1  # k: accuracy = mean over the k samples; pass@k reported beside it
+    greedy: Optional[bool] = None  # null = greedy for k = 1, sampling for k > 1
+    temperature: Optional[float] = None  # sampling temperature; null = rollout.temperature
+    top_p: float = 1.0
+    bands: int = 4  # numeric difficulty -> this many quantile bands (string levels are kept as given)
+    every: int = 0  # held-in validation every this many steps of a training stage; 0 = none
+    val_size: int = 0  # rows carved from the train split as the held-in set; 0 = data.val_path or none
+    val_stages: Optional[list[str]] = None  # training stages that validate; null = all of them
+
+
+@dataclass
+class ReportConfig:
+    """`selfdistill-report DIR [report.key=value ...]` (selfdistill.report)."""
+
+    base_arm: str = "base"  # reward.name of the matched twin every arm is compared with
+    drift_threshold: float = 0.05  # |held-in gain - held-out gain| above this (or opposite signs) = drift
+    bootstrap_samples: int = 2000
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
+    step: Optional[int] = None  # held-out eval step compared; null = the last one a pair shares
+    out_dir: Optional[str] = None  # null = the first directory given
 
 
 @dataclass
@@ -331,6 +360,43 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError(f"data.source={cfg.data.source!r}: choose synthetic or files")
     if cfg.data.source == "files" and not cfg.data.train_path:
         raise ConfigError("data.source=files needs data.train_path=<.parquet or .jsonl>")
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: Config | DictConfig) -> None:
+    e = cfg.eval
+    for key in ("batch_size", "max_new_tokens", "samples_per_problem", "bands"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"eval.{key}={getattr(e, key)} must be >= 1")
+    if e.num_prompts is not None and e.num_prompts < 1:
+        raise ConfigError(f"eval.num_prompts={e.num_prompts} must be >= 1 or null (the whole held-out split)")
+    if e.greedy and e.samples_per_problem > 1:
+        raise ConfigError(f"eval.greedy=true with eval.samples_per_problem={e.samples_per_problem} gives k identical "
+                          "samples; set eval.greedy=false (or null: greedy only for k=1)")
+    if e.temperature is not None and e.temperature <= 0:
+        raise ConfigError(f"eval.temperature={e.temperature} must be > 0 or null (= rollout.temperature)")
+    if not (0 < e.top_p <= 1):
+        raise ConfigError(f"eval.top_p={e.top_p} must be in (0, 1]")
+    if e.every < 0 or e.val_size < 0:
+        raise ConfigError(f"eval.every={e.every} and eval.val_size={e.val_size} must be >= 0")
+    if e.val_size and cfg.data.val_path:
+        raise ConfigError(f"eval.val_size={e.val_size} and data.val_path={cfg.data.val_path!r} both define the held-in "
+                          "set; keep one (set eval.val_size=0 or data.val_path=null)")
+    if e.every and not (e.val_size or cfg.data.val_path):
+        raise ConfigError(f"eval.every={e.every} needs a held-in set: eval.val_size=<rows carved from the train split> "
+                          "or data.val_path=<file>")
+    for stage in e.val_stages or ():
+        _choice(stage, "eval.val_stages[]", tuple(s for s in STAGES if s != "eval"))
+
+
+def validate_report(cfg: ReportConfig | DictConfig) -> None:
+    """Range checks for `selfdistill-report`'s `report.*` keys."""
+    if not cfg.drift_threshold >= 0:
+        raise ConfigError(f"report.drift_threshold={cfg.drift_threshold} must be >= 0")
+    if cfg.bootstrap_samples < 100:
+        raise ConfigError(f"report.bootstrap_samples={cfg.bootstrap_samples} must be >= 100 for a usable interval")
+    if not (0 < cfg.confidence < 1):
+        raise ConfigError(f"report.confidence={cfg.confidence} must be in (0, 1), e.g. 0.95")
 
 
 def _validate_distillation(cfg: Config | DictConfig) -> None:

@@ -5,7 +5,11 @@
     write summary.json
 
 The stages share one `StageContext` (engine, model, tokenizer, data, sampler, grader, rollout
-backend, metrics, checkpointing and the resumable `TrainState`), built here once.
+backend, metrics, checkpointing and the resumable `TrainState`), built here once. The held-in
+validation rows (selfdistill.eval) are taken out of the train split before the sampler sees it.
+
+`manifest.json` (selfdistill.manifest) is written when the run starts, rewritten once the data is
+loaded, and finally marked `finished`, or `failed` with the error if building or any stage raises.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from selfdistill.config import Config, to_container
 from selfdistill.data import load_splits
 from selfdistill.data.sampler import PromptSampler
 from selfdistill.engine import build_engine
+from selfdistill.eval import held_in_split
+from selfdistill.manifest import RunManifest, describe_data
 from selfdistill.metrics import MetricsLogger
 from selfdistill.models import load_model_and_tokenizer, meta_token_ids
 from selfdistill.rewards.grader import Grader
 from selfdistill.rollout import build_rollout_backend
 from selfdistill.stages import STAGES, StageContext, TrainState
+from selfdistill.stages.eval import evaluated_held_out
 
 __all__ = ["Trainer", "TrainState", "seed_everything"]
 
@@ -46,20 +53,31 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         ops.set_backend(cfg.ops.backend)
         engine = build_engine(cfg)
+        self.manifest = RunManifest(run_dir, cfg, world_size=engine.world_size, device=str(engine.device),
+                                    enabled=engine.is_main)
+        self.manifest.write()
+        with self.manifest.failure_recorded():
+            self.ctx = self._build(cfg, run_dir, engine)
+            self._resume_from = self._find_resume()
+            self.manifest.update(resumed_from=self._resume_from, data=describe_data(cfg.data, {
+                "train": self.ctx.train_set, "heldin": self.ctx.held_in, "heldout": evaluated_held_out(self.ctx)}))
+
+    @staticmethod
+    def _build(cfg: Config, run_dir: str, engine) -> StageContext:
         seed_everything(cfg.seed + engine.rank)
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         model = engine.wrap(model)
         train_set, held_out = load_splits(cfg.data)
-        self.ctx = StageContext(
+        train_set, held_in = held_in_split(train_set, cfg.eval.val_size, cfg.data.val_path, cfg.data.decoy_seed)
+        return StageContext(
             cfg=cfg, run_dir=run_dir, engine=engine, model=model, tokenizer=tokenizer, meta_ids=meta_token_ids(tokenizer),
-            train_set=train_set, held_out=held_out, sampler=PromptSampler(len(train_set), cfg.seed),
+            train_set=train_set, held_out=held_out, held_in=held_in, sampler=PromptSampler(len(train_set), cfg.seed),
             grader=Grader(timeout_s=cfg.reward.grader_timeout_s, workers=cfg.reward.grader_workers),
             backend=build_rollout_backend(cfg.rollout.backend, engine.unwrapped(), tokenizer),
             metrics=MetricsLogger(run_dir, enabled=engine.is_main, tensorboard=cfg.trainer.tensorboard,
                                   wandb_project=cfg.trainer.wandb_project if cfg.trainer.wandb else None,
                                   config=to_container(cfg)),
         )
-        self._resume_from = self._find_resume()
 
     @property
     def state(self) -> TrainState:
@@ -76,6 +94,12 @@ class Trainer:
         return mode
 
     def run(self) -> dict:
+        with self.manifest.failure_recorded():
+            summary = self._run_stages()
+        self.manifest.finish()
+        return summary
+
+    def _run_stages(self) -> dict:
         ctx = self.ctx
         if self._resume_from:
             ctx.restore(self._resume_from)

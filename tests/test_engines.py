@@ -305,17 +305,6 @@ def test_deepspeed_config_is_generated_from_the_hydra_config():
     assert "scheduler" not in c  # the trainer's LambdaLR drives the lr, as for every engine
 
 
-def test_eval_results_merge_over_ranks_with_different_groups():
-    from selfdistill.eval import merge_rank_results
-
-    r0 = {"heldout/accuracy": 0.5, "heldout/n": 2.0, "heldout/band/1/accuracy": 0.5, "heldout/band/1/n": 2.0}
-    r1 = {"heldout/accuracy": 1.0, "heldout/n": 2.0, "heldout/band/1/accuracy": 1.0, "heldout/band/1/n": 1.0,
-          "heldout/band/3/accuracy": 1.0, "heldout/band/3/n": 1.0}
-    assert merge_rank_results([r0, r1]) == {
-        "heldout/accuracy": 0.75, "heldout/n": 4.0, "heldout/band/1/accuracy": 2 / 3, "heldout/band/1/n": 3.0,
-        "heldout/band/3/accuracy": 1.0, "heldout/band/3/n": 1.0}
-
-
 def test_only_rank_zero_is_a_hydra_run():
     from selfdistill.train import rank_argv
 

@@ -89,7 +89,7 @@ def test_evaluation_grades_and_counts_meta_from_token_ids():
     examples = [Example(id=str(i), prompt=[{"role": "user", "content": "1+1"}], gold="2") for i in range(2)]
     grader = _SpyGrader()
     out = evaluate(_FixedBackend(completions), TOK, examples, grader, max_new_tokens=8, batch_size=2,
-                   prefix="heldout", progress=False)
+                   prefix="heldout").metrics
     assert grader.seen == [["\\boxed{1}", ""], [text]]  # token-cut pieces, not decoded texts
     assert out["heldout/accuracy"] == 0.5  # only the spelled-out rollout's answer is 2
     assert out["heldout/meta_emission_rate"] == 0.5

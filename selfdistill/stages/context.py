@@ -51,9 +51,11 @@ class StageContext:
     backend: object  # rollout backend over the unwrapped policy
     metrics: object
     state: TrainState = field(default_factory=TrainState)
+    held_in: list = field(default_factory=list)  # validation rows training never samples (selfdistill.eval)
     pending_optim: dict | None = None  # optimizer state restored from a checkpoint, applied by the stage
     resumed_from: str | None = None  # the checkpoint this run resumed from
     teacher: SelfTeacher | None = None  # the running stage's self-teacher (SDPO / SDFT)
+    last_validation_step: int | None = None  # global step of the latest held-in evaluation
     _reference: object = None
 
     @property
@@ -78,7 +80,9 @@ class StageContext:
                     disable=not (self.engine.is_main and self.cfg.trainer.progress))
 
     def after_step(self, record: dict, bar, stage: str) -> None:
-        """Count the step, log it, update the bar, checkpoint every `trainer.save_every` steps."""
+        """Count the step, log it, update the bar, validate on the held-in set every `eval.every`
+        steps, checkpoint every `trainer.save_every` steps (after the validation, so a resumed run
+        does not repeat it)."""
         st = self.state
         st.step += 1
         st.global_step += 1
@@ -86,8 +90,17 @@ class StageContext:
             self.metrics.log({"stage": stage, **record}, st.global_step)
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in ("loss", "reward", "accuracy") if k in record})
+        if self.validation_due(stage):
+            from selfdistill.stages.eval import validate  # the eval stage module imports this one
+
+            validate(self, stage)
         if self.cfg.trainer.save_every and st.step % self.cfg.trainer.save_every == 0:
             self.save()
+
+    def validation_due(self, stage: str) -> bool:
+        e = self.cfg.eval
+        return (bool(self.held_in) and e.every > 0 and self.state.step % e.every == 0
+                and (e.val_stages is None or stage in e.val_stages))
 
     # -- the frozen reference ------------------------------------------------------------------
     def pin_reference(self) -> None:

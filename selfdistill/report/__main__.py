@@ -1,0 +1,5 @@
+"""`python -m selfdistill.report DIR ...` (same as `selfdistill-report`)."""
+
+from selfdistill.report import main
+
+main()
