@@ -124,6 +124,11 @@ def test_demonstrations_from_files_and_an_error_naming_a_row_without_one(tmp_pat
                           f"data.eval_path={path}", "trainer.stages=[sdft]"])
     with pytest.raises(ValueError, match=r"the training split row 2 \(id 'c'\) has none: give it a `demonstration` field"):
         Trainer(cfg, str(tmp_path / "run")).run()
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    cfg = compose_config(["experiment=sdft_evolved", *SDFT_RUN, "data=files", f"data.train_path={good}", "trainer.stages=[sdft]"])
+    with pytest.raises(ValueError, match="SDFT's score needs held-out rows .* the held-out split has 0: set data.eval_path"):
+        Trainer(cfg, str(tmp_path / "run2")).run()
 
 
 def test_synthetic_rows_carry_their_worked_solution_as_demonstration(tiny_config):

@@ -38,6 +38,9 @@ def run(ctx: StageContext) -> None:
     pairs = ctx.train_set[: c.train_pairs] if c.train_pairs else ctx.train_set
     demos = sdft.demonstrations(pairs, "the training split")
     held_out = ctx.held_out[: c.eval_prompts]
+    if len(held_out) < engine.world_size:
+        raise ValueError(f"SDFT's score needs held-out rows with demonstrations (at least one per rank, {engine.world_size}); "
+                         f"the held-out split has {len(ctx.held_out)}: set data.eval_path (data=files) or data.synthetic.num_eval")
     held_out_demos = sdft.demonstrations(held_out, "the held-out split")
     order = sdft.sampler_order(c.curriculum, c.batching)
     keys = [len(text_ids(tok, x)) for x in demos] if order != "shuffled" else None
