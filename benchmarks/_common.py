@@ -146,6 +146,12 @@ def emit(kernel: str, rows: list[dict], args) -> None:
             v = r.get(c, "")
             cells.append(f"{v:>14.3f}" if isinstance(v, float) else f"{str(v):>14}")
         print(" | ".join(cells))
+    write_json(kernel, rows, args)
+
+
+def write_json(kernel: str, rows: list[dict], args) -> None:
+    """Write the JSON document of the rows so far to `--json` (nothing without it). Called after
+    every row, it leaves the finished rows on disk when a long run is cut short."""
     if args.json:
         doc = {
             "kernel": kernel,

@@ -19,13 +19,16 @@ if __name__ == "selfdistill.kernels":
     from selfdistill.kernels.fused_linear import fused_linear_token_logprobs
     from selfdistill.kernels.policy_loss import policy_loss
     from selfdistill.kernels.token_logprobs import token_logprobs
+    from selfdistill.kernels.topk_distill import fused_linear_topk_distill, topk_distill
     from selfdistill.kernels.utils import INTERPRETED
 
     __all__ = [
         "INTERPRETED",
         "clipped_mean_min",
         "fused_linear_token_logprobs",
+        "fused_linear_topk_distill",
         "gold_decoy_contrast",
         "policy_loss",
         "token_logprobs",
+        "topk_distill",
     ]

@@ -20,6 +20,7 @@ SCRIPTS = {
     "bench_fused_linear.py": ("fused_linear_token_logprobs", "matmuls,torch_reference,triton,cuda", "tflops", {"fwd", "fwd_bwd"}),
     "bench_contrast.py": ("gold_decoy_contrast", "torch_reference,triton,cuda", "gbps", {"fwd"}),
     "bench_policy_loss.py": ("policy_loss", "torch_reference,triton,cuda", "gbps", {"fwd_bwd"}),
+    "bench_topk_distill.py": ("topk_distill", "matmuls,torch_reference,triton", "tflops", {"fwd", "fwd_bwd"}),
 }
 
 
@@ -42,6 +43,9 @@ def test_benchmark_script_writes_finite_json(script, tmp_path):
         for key in ("ms", "peak_mem_mb", throughput):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (key, r)
         assert r["ms"] > 0
+    if kernel == "topk_distill":
+        assert all("vs_matmuls" in r for r in rows if r["provider"] != "matmuls")
+        assert all("extra_mem_mb" in r for r in rows if r["mode"] == "fwd_bwd" and r["provider"] != "matmuls")
     if kernel == "fused_linear_token_logprobs":
         # the tiny shape is N=16, V=500 fp32: the fused host side's only extra memory is one logits
         # tile (fp32 inputs accumulate in the returned gradients), seen exactly on the csrc path; the

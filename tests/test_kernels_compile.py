@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_NVIDIA_BACKEND = 3  # exit status of the subprocess when this triton build cannot target CUDA
 
 LOGITS = {"x_ptr", "dx_ptr", "gold_ptr", "decoy_ptr", "dgold_ptr", "ddecoy_ptr"}
-INT64_POINTERS = {"targets_ptr", "gold_ids_ptr", "decoy_ids_ptr", "lengths_ptr"}
-FLOATS = {"inv_temperature", "clip", "min_weight", "ratio_low", "ratio_high", "dual_clip", "kl_coef", "entropy_coef", "w0", "w1"}
+INT64_POINTERS = {"targets_ptr", "gold_ids_ptr", "decoy_ids_ptr", "lengths_ptr", "idx_ptr"}
+FLOATS = {"inv_temperature", "clip", "min_weight", "ratio_low", "ratio_high", "dual_clip", "kl_coef", "entropy_coef", "w0", "w1",
+          "log_1m_alpha", "log_alpha", "one_m_alpha", "alpha", "tail_lse_max"}
 
 
 def signature(fn, constexprs: dict) -> dict:
@@ -62,11 +63,14 @@ def compile_all() -> int:
     if "nvidia" not in backends:
         print("this triton build has no NVIDIA backend; nothing to compile against")
         return NO_NVIDIA_BACKEND
-    tk, ck, pk = (importlib.import_module(f"selfdistill.kernels.{m}") for m in ("token_logprobs", "contrast", "policy_loss"))
+    tk, ck, pk, dk = (importlib.import_module(f"selfdistill.kernels.{m}") for m in ("token_logprobs", "contrast", "policy_loss",
+                                                                                     "topk_distill"))
     jobs = [(fn, {"BLOCK_V": 4096}, 8) for fn in (tk._token_logprobs_fwd_kernel, tk._token_logprobs_bwd_kernel,
                                                    ck._gold_decoy_contrast_fwd_kernel, ck._gold_decoy_contrast_bwd_kernel)]
     jobs.append((ck._clipped_mean_min_kernel, {"BLOCK_K": 16}, 4))
     jobs += [(pk._policy_loss_fwd_kernel, consts, 4) for consts in policy_loss_variants()]
+    jobs += [(fn, {"BLOCK_V": 4096, "BLOCK_K": 128}, 8) for fn in (dk._topk_logprobs_kernel, dk._topk_distill_bwd_kernel)]
+    jobs += [(dk._topk_divergence_kernel, {"TAIL": tail, "MODE": mode, "BLOCK_K": 128}, 4) for tail in (True, False) for mode in (0, 1, 2)]
     failures = 0
     for fn, consts, warps in jobs:
         try:

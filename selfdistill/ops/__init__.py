@@ -4,7 +4,8 @@
 `auto` means Triton on CUDA tensors and the torch reference on CPU. An explicit `triton` on CPU
 runs through the Triton interpreter (set TRITON_INTERPRET=1 before `selfdistill.kernels` is first
 imported; slow, for tests). `cuda` is the csrc extension (selfdistill.ops.cuda_ext, built on first
-use; a CPU path too); it provides every op.
+use; a CPU path too); it provides every op but the top-K distillation (NotImplementedError naming
+ops.backend=triton or torch).
 The torch references are importable here under the same names as in `selfdistill.kernels`.
 """
 
@@ -16,12 +17,15 @@ from selfdistill.ops import reference
 from selfdistill.ops.reference import (  # noqa: F401  (public API: the torch references)
     clipped_mean_min,
     fused_linear_token_logprobs,
+    fused_linear_topk_distill,
     gold_decoy_contrast,
     gold_decoy_did,
     kl_penalty,
     policy_loss,
     progressive_token_weights,
     token_logprobs,
+    topk_distill,
+    topk_divergence,
 )
 
 _BACKEND = "auto"
@@ -106,3 +110,21 @@ def dispatched_gold_decoy_did(
 ) -> Tensor:
     """Dispatched `gold_decoy_did`: gm's x from the contrasts after X + M and X + placebo."""
     return dispatched_clipped_mean_min(contrast_meta - contrast_placebo, divergent, clip, min_weight)
+
+
+def sequence_topk_distill(
+    hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, temperature: float = 1.0, k: int = 100,
+    tail: bool = True, alpha: float = 0.5,
+) -> Tensor:
+    """Dispatched fused-linear top-K distillation (SPEC section 6): student hidden [N, H] and LM head
+    [V, H] (both get gradients), teacher hidden [N, H_T] and LM head [V, H_T] (no gradient; may be
+    the student's weight) -> fp32 loss [N] per position; the caller aggregates over its masks.
+    No [N, V] logits: one row-chunk tile in the input dtype (`selfdistill.ops.topk_distill_host`)."""
+    return _impl("fused_linear_topk_distill", hidden.device.type)(hidden, weight, teacher_hidden, teacher_weight, temperature, k,
+                                                                  tail, alpha)
+
+
+def dispatched_topk_distill(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, k: int = 100, tail: bool = True,
+                            alpha: float = 0.5) -> Tensor:
+    """Dispatched `topk_distill`: student / teacher logits [N, V] -> fp32 loss [N], grad to the student's logits."""
+    return _impl("topk_distill", logits.device.type)(logits, teacher_logits, temperature, k, tail, alpha)

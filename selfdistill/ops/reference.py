@@ -7,11 +7,15 @@ is needed, chunk over the rows so fp32 [N, V] logits never exist at once.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 RAMP_W0, RAMP_W1 = 0.5, 1.5  # progressive token weighting endpoints (SPEC section 7)
 REWARD_CLIP, MIN_WEIGHT = 2.0, 1.0  # gm / PMI mean_min: mean(clip(x, -2, 2)) + 1.0 * min(clip(x, -2, 2)) (SPEC section 2)
+TAIL_LSE_MAX = -1e-7  # top-K tail: lse_K clamped to <= -1e-7 before log(-expm1(lse_K)) (SPEC section 6)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_rows: int = 1024) -> tuple[Tensor, Tensor]:
@@ -256,3 +260,129 @@ def gold_decoy_did(
     """gm's x (SPEC section 2) from the contrasts after X + M and after X + placebo:
     did_i = [g_i(M) - g_i(pl)] - [d_i(M) - d_i(pl)] = contrast_i(M) - contrast_i(pl)."""
     return clipped_mean_min(contrast_meta - contrast_placebo, divergent, clip, min_weight)
+
+
+def check_topk_distill_args(op: str, vocab: int, k: int, temperature: float, alpha: float, chunk_rows: int) -> None:
+    """The scalar arguments of `topk_distill` / `fused_linear_topk_distill`, named in the error."""
+    if not 1 <= k <= vocab:
+        raise ValueError(f"{op}: k={k} must be in [1, V={vocab}] (algo.distill.topk: how many of the student's "
+                         "top logits form the distillation categories)")
+    if not temperature > 0:
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{op}: alpha={alpha!r} must be in [0, 1] (algo.distill.alpha: 0 = KL(T||S), "
+                         "1 = KL(S||T), in between the generalised JSD)")
+    if chunk_rows < 1:
+        raise ValueError(f"{op}: chunk_rows must be >= 1, got {chunk_rows}")
+
+
+def check_topk_logits(op: str, logits: Tensor, teacher_logits: Tensor) -> None:
+    if logits.dim() != 2 or teacher_logits.shape != logits.shape:
+        raise ValueError(f"{op} expects student and teacher logits [N, V] of one shape; got "
+                         f"{tuple(logits.shape)} and {tuple(teacher_logits.shape)}")
+
+
+def check_fused_linear_topk(op: str, hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor) -> None:
+    """Student hidden [N, H] and LM head [V, H]; teacher hidden [N, H_T] and LM head [V, H_T]
+    (the vocabulary is shared, the width may differ); each side's matmul in one dtype."""
+    for side, h, w in (("", hidden, weight), ("teacher_", teacher_hidden, teacher_weight)):
+        if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
+            raise ValueError(f"{op} expects {side}hidden [N, H] and {side}weight [V, H]; got {tuple(h.shape)}, {tuple(w.shape)}")
+        if h.dtype != w.dtype:
+            raise ValueError(f"{op}: {side}hidden is {h.dtype} but {side}weight is {w.dtype}; cast one so the matmul has one dtype")
+    if teacher_hidden.shape[0] != hidden.shape[0] or teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"{op}: the teacher must score the same N={hidden.shape[0]} positions over the same V={weight.shape[0]} "
+                         f"tokens; got teacher_hidden {tuple(teacher_hidden.shape)}, teacher_weight {tuple(teacher_weight.shape)}")
+
+
+def _tail_logprob(logp: Tensor) -> Tensor:
+    """log(1 - sum_K p) of the categories outside the top-K, as log(-expm1(lse_K)) with lse_K
+    clamped to <= -1e-7 (SPEC section 6; the clamp also stops the gradient when it engages)."""
+    lse = torch.logsumexp(logp, -1, keepdim=True).clamp(max=TAIL_LSE_MAX)
+    return torch.log(-torch.expm1(lse))
+
+
+def _weighted_log_ratio(w: Tensor, log_x: Tensor, log_y: Tensor) -> Tensor:
+    """sum_c w_c (log_x_c - log_y_c) with a category of w_c = 0 contributing exactly 0 (0 log 0 = 0),
+    in the value and in the gradient (no inf * 0 from a banned token's -inf log-prob)."""
+    live = w > 0
+    ratio = torch.where(live, log_x, 0.0) - torch.where(live, log_y, 0.0)
+    return torch.where(live, w * ratio, 0.0).sum(-1)
+
+
+def topk_divergence(logp_s: Tensor, logp_t: Tensor, tail: bool = True, alpha: float = 0.5) -> Tensor:
+    """The top-K divergence of SPEC section 6 per row, from full-vocabulary log-probs at the K indices.
+
+    logp_s, logp_t [..., K]: student / teacher log p at the student's top-K indices. With `tail`
+    one more category log(1 - sum_K p) per side, else both renormalised over the K. Over those
+    categories (a = student, b = teacher log-probs): alpha=0 -> KL(T||S) = sum q (b - a), alpha=1
+    -> KL(S||T) = sum p (a - b), otherwise the generalised JSD (1-alpha) KL(S||M) + alpha KL(T||M)
+    with M = (1-alpha) p + alpha q, log M formed as a logaddexp. Returns fp32 [...].
+    """
+    if tail:
+        a = torch.cat([logp_s, _tail_logprob(logp_s)], -1)
+        b = torch.cat([logp_t, _tail_logprob(logp_t)], -1)
+    else:
+        a, b = torch.log_softmax(logp_s, -1), torch.log_softmax(logp_t, -1)
+    p, q = a.exp(), b.exp()
+    if alpha == 0.0:
+        return _weighted_log_ratio(q, b, a)
+    if alpha == 1.0:
+        return _weighted_log_ratio(p, a, b)
+    # a category neither side gives mass has log M = -inf: keep logaddexp(-inf, -inf) (NaN gradient) out
+    either = (p > 0) | (q > 0)
+    log_m = torch.logaddexp(torch.where(either, a, 0.0) + math.log1p(-alpha), torch.where(either, b, 0.0) + math.log(alpha))
+    return (1.0 - alpha) * _weighted_log_ratio(p, a, log_m) + alpha * _weighted_log_ratio(q, b, log_m)
+
+
+def _topk_distill_rows(logits: Tensor, teacher_logits: Tensor, temperature: float, k: int, tail: bool, alpha: float) -> Tensor:
+    """`topk_divergence` for a block of rows of student / teacher logits (any float dtype)."""
+    idx = logits.detach().topk(k, dim=-1, sorted=False).indices  # the choice of indices is a constant
+
+    def logp_at_topk(x: Tensor) -> Tensor:
+        z = x.float() / temperature
+        return z.gather(-1, idx) - torch.logsumexp(z, -1, keepdim=True)
+
+    return topk_divergence(logp_at_topk(logits), logp_at_topk(teacher_logits.detach()), tail, alpha)
+
+
+def topk_distill(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, k: int = 100, tail: bool = True,
+                 alpha: float = 0.5, chunk_rows: int = 1024) -> Tensor:
+    """Top-K distillation loss per position (SPEC section 6) from student and teacher logits [N, V].
+
+    The K indices are the student's top-K logits (ties broken by `torch.topk`); both sides' log-probs
+    there are logit / T minus that side's full-vocabulary log-sum-exp; then `topk_divergence`.
+    Returns fp32 [N]; differentiable w.r.t. `logits` (the teacher never gets a gradient). Rows go in
+    chunks under activation checkpointing: fp32 copies exist for `chunk_rows` rows at a time, in the
+    forward and again when the backward recomputes that chunk.
+    """
+    check_topk_logits("topk_distill", logits, teacher_logits)
+    check_topk_distill_args("topk_distill", logits.shape[1], k, temperature, alpha, chunk_rows)
+    parts = [checkpoint(_topk_distill_rows, logits[s:s + chunk_rows], teacher_logits[s:s + chunk_rows], temperature, k,
+                        tail, alpha, use_reentrant=False)
+             for s in range(0, logits.shape[0], chunk_rows)]
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+
+
+def _fused_linear_topk_distill_rows(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+                                    temperature: float, k: int, tail: bool, alpha: float) -> Tensor:
+    return _topk_distill_rows(hidden @ weight.t(), teacher_hidden @ teacher_weight.t(), temperature, k, tail, alpha)
+
+
+def fused_linear_topk_distill(
+    hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, temperature: float = 1.0, k: int = 100,
+    tail: bool = True, alpha: float = 0.5, chunk_rows: int = 1024,
+) -> Tensor:
+    """`topk_distill(hidden @ weight.T, teacher_hidden @ teacher_weight.T, ...)` chunk by chunk over rows.
+
+    hidden [N, H], weight [V, H] (the student's LM head; both get gradients), teacher_hidden [N, H_T],
+    teacher_weight [V, H_T] (no gradient; may be the student's own weight). Each chunk's logits are
+    recomputed in the backward (activation checkpointing), so no [N, V] tensor is ever kept.
+    """
+    check_fused_linear_topk("fused_linear_topk_distill", hidden, weight, teacher_hidden, teacher_weight)
+    check_topk_distill_args("fused_linear_topk_distill", weight.shape[0], k, temperature, alpha, chunk_rows)
+    t_weight = teacher_weight.detach()
+    parts = [checkpoint(_fused_linear_topk_distill_rows, hidden[s:s + chunk_rows], weight, teacher_hidden[s:s + chunk_rows].detach(),
+                        t_weight, temperature, k, tail, alpha, use_reentrant=False)
+             for s in range(0, hidden.shape[0], chunk_rows)]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
