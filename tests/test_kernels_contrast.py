@@ -185,9 +185,12 @@ def test_clipped_mean_min_random_and_gm_dispatch(backend, impl):
     assert err(got, want) < 1e-5
     try:
         ops.set_backend(backend)
+        ops.reset_call_counts()
         via_ops = ops.dispatched_gold_decoy_did(cm, cp, mask)
+        counts = ops.call_counts()
     finally:
         ops.set_backend("auto")
+    assert counts == {("clipped_mean_min", backend): 1}  # the chosen backend's kernel ran, not torch
     assert torch.equal(via_ops, got)
     assert err(reference.gold_decoy_did(cm, cp, mask), want) < 1e-5
 
