@@ -251,11 +251,11 @@ def main() -> int:
         proc = subprocess.run(cmd)
         results.reload()
         running = results.doc.get("running")
-        if proc.returncode == 0 or (proc.returncode == 3 and running is None):
-            if proc.returncode == 0:
-                break
-            continue  # the worker saw the device poisoned after recording its check
-        if running is None:  # died outside any check (an import, the inputs): nothing left to isolate
+        if proc.returncode == 0:
+            break
+        if running is None and proc.returncode == 3:
+            continue  # it recorded its check and found the device unusable after it
+        if running is None:  # died outside any check (an import, making the inputs): nothing to isolate
             results.add({"check": "worker", "ok": False, "error": f"the worker process exited with {proc.returncode} outside a check"})
             break
         row = {"check": running, "ok": False, "seconds": None,

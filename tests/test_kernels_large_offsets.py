@@ -9,7 +9,8 @@ reaches a Triton kernel as a 32-bit integer, and row 2 starts at 2 S > 2**31 ele
 formed in int32 wraps to 2 S - 2**32 < 0; the views start 2**31 elements into the buffer, so the
 wrapped address still lies inside it (untouched memory reads as zeros) and a kernel with an int32
 offset returns wrong numbers -- the test fails with a message -- rather than crashing the process.
-Checked by hand: the Triton token_logprobs kernel with `row = tl.program_id(0)` (int32) fails here.
+Checked by hand: the Triton kernels with `tl.program_id(0)` left int32 (token_logprobs forward and
+backward, contrast forward) and the csrc forward with its row offset cast to int32 fail here.
 """
 
 import os
