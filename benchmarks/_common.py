@@ -4,7 +4,9 @@ Every script measures a list of providers (eager torch, torch.compile, the selfd
 kernel, Liger-Kernel when importable) over a list of shapes and writes one row per
 (shape, provider, mode) with `ms`, a throughput (`gbps` or `tflops`) and `peak_mem_mb` (memory
 allocated above what existed before the call). A provider that cannot run (no Liger, a
-torch.compile failure) gives a row with `error` instead of numbers.
+torch.compile failure) gives a row with `error` instead of numbers. `--json` is written row by row
+(`json_rows.JsonRows`: a run cut by a time limit keeps its finished rows); `--append` adds this
+run's rows to an existing file (the GPU session measures torch.compile in a later step).
 
 On CPU (no CUDA) the scripts exist to exercise the benchmark path: tiny shapes, the Triton kernels
 through the interpreter (TRITON_INTERPRET=1 is set here before `selfdistill.kernels` is imported),
@@ -14,7 +16,6 @@ peak memory from the torch profiler's allocation events.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +24,7 @@ import time
 from typing import Callable
 
 import torch
+from json_rows import JsonRows
 
 
 def parse_args(description: str, presets: dict[str, list[dict]], providers: list[str]) -> argparse.Namespace:
@@ -30,13 +32,15 @@ def parse_args(description: str, presets: dict[str, list[dict]], providers: list
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", choices=sorted(presets), default=None, help="shape list; default: real on cuda, tiny on cpu")
     p.add_argument("--providers", default=",".join(providers), help=f"comma list out of {','.join(providers)}")
+    p.add_argument("--exclude", default="", help="comma list of providers to leave out (e.g. torch_compile)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported); default 20 cuda, 3 cpu")
-    p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--json", default=None, help="write the rows to this file, row by row")
+    p.add_argument("--append", action="store_true", help="add the rows to an existing --json file instead of replacing it")
     args = p.parse_args()
     args.preset = args.preset or ("real" if args.device == "cuda" else "tiny")
     args.shapes = presets[args.preset]
-    args.providers = [x for x in args.providers.split(",") if x]
-    unknown = sorted(set(args.providers) - set(providers))
+    args.providers = [x for x in args.providers.split(",") if x and x not in args.exclude.split(",")]
+    unknown = sorted((set(args.providers) | set(args.exclude.split(",")) - {""}) - set(providers))
     if unknown:
         p.error(f"unknown providers {unknown}; choose from {providers}")
     args.reps = args.reps or (20 if args.device == "cuda" else 3)
@@ -116,7 +120,14 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     return peak / 2**20
 
 
-def measure(rows: list[dict], base: dict, fn: Callable[[], object], args, *, bytes_moved: float = 0.0, flops: float = 0.0) -> None:
+def open_results(kernel: str, args) -> JsonRows:
+    """The results of this run: rows written to `--json` as they come (in memory without it)."""
+    header = {"kernel": kernel, "device": args.device, "device_name": device_name(args.device), "preset": args.preset,
+              "reps": args.reps, "torch": torch.__version__, "triton": _version("triton"), "python": sys.version.split()[0]}
+    return JsonRows(args.json, header, what=f"providers={','.join(args.providers)}", append=args.append)
+
+
+def measure(results: JsonRows, base: dict, fn: Callable[[], object], args, *, bytes_moved: float = 0.0, flops: float = 0.0) -> None:
     """Time `fn`, record its peak memory and throughput into a new row (or an `error` row)."""
     row = dict(base)
     try:
@@ -131,14 +142,15 @@ def measure(rows: list[dict], base: dict, fn: Callable[[], object], args, *, byt
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    rows.append(row)
+    results.add(row)
 
 
-def emit(kernel: str, rows: list[dict], args) -> None:
-    """Print the table and write the JSON document."""
+def emit(results: JsonRows, args) -> None:
+    """Print the table of every row in the results and mark this run complete."""
+    rows = results.rows
     cols = [c for c in ("shape", "provider", "mode", "ms", "gbps", "tflops", "peak_mem_mb", "vs_matmuls", "extra_mem_mb", "error")
             if any(c in r for r in rows)]
-    print(f"# {kernel} on {args.device} ({device_name(args.device)}), preset {args.preset}, median of {args.reps}")
+    print(f"# {results.doc['kernel']} on {args.device} ({device_name(args.device)}), preset {args.preset}, median of {args.reps}")
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:
         cells = []
@@ -146,26 +158,7 @@ def emit(kernel: str, rows: list[dict], args) -> None:
             v = r.get(c, "")
             cells.append(f"{v:>14.3f}" if isinstance(v, float) else f"{str(v):>14}")
         print(" | ".join(cells))
-    write_json(kernel, rows, args)
-
-
-def write_json(kernel: str, rows: list[dict], args) -> None:
-    """Write the JSON document of the rows so far to `--json` (nothing without it). Called after
-    every row, it leaves the finished rows on disk when a long run is cut short."""
-    if args.json:
-        doc = {
-            "kernel": kernel,
-            "device": args.device,
-            "device_name": device_name(args.device),
-            "preset": args.preset,
-            "reps": args.reps,
-            "torch": torch.__version__,
-            "triton": _version("triton"),
-            "python": sys.version.split()[0],
-            "rows": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2, allow_nan=True)
+    results.finish()
 
 
 def shape_label(shape: dict) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from _common import compiled, dtype_of, emit, kernels, measure, parse_args, shape_label
+from _common import compiled, dtype_of, emit, kernels, measure, open_results, parse_args, shape_label
 
 PRESETS = {
     # K=8 answer tokens, divergence from position 3 on (half the positions need both passes)
@@ -54,7 +54,7 @@ def provider_fn(name: str):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], PRESETS, PROVIDERS)
-    rows: list[dict] = []
+    results = open_results("gold_decoy_contrast", args)
     for shape in args.shapes:
         R, K, V, dtype = shape["R"], shape["K"], shape["V"], dtype_of(shape["dtype"])
         gen = torch.Generator(device=args.device).manual_seed(0)
@@ -69,15 +69,15 @@ def main() -> None:
             try:
                 fn = provider_fn(provider)
             except Exception as e:  # noqa: BLE001
-                rows.append({**base, "error": f"{type(e).__name__}: {e}"})
+                results.add({**base, "error": f"{type(e).__name__}: {e}"})
                 continue
 
             def fwd():
                 with torch.no_grad():
                     return fn(gold, decoy, gold_ids, decoy_ids, divergent)
 
-            measure(rows, base, fwd, args, bytes_moved=2 * later * V * gold.element_size())
-    emit("gold_decoy_contrast", rows, args)
+            measure(results, base, fwd, args, bytes_moved=2 * later * V * gold.element_size())
+    emit(results, args)
 
 
 if __name__ == "__main__":

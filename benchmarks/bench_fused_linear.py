@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from _common import compiled, dtype_of, emit, kernels, liger_functional, measure, parse_args, shape_label
+from _common import compiled, dtype_of, emit, kernels, liger_functional, measure, open_results, parse_args, shape_label
 
 PRESETS = {
     "real": [dict(N=16384, H=4096, V=151936, dtype="bf16"), dict(N=4096, H=4096, V=151936, dtype="bf16")],
@@ -28,7 +28,7 @@ PRESETS = {
     "small_bf16": [dict(N=256, H=512, V=32000, dtype="bf16")],  # CPU: the bf16 memory accounting (extra_mem_mb)
     "tiny": [dict(N=16, H=32, V=500, dtype="fp32")],
 }
-PROVIDERS = ["matmuls", "torch_naive", "torch_reference", "torch_compile", "triton", "cuda", "liger"]
+PROVIDERS = ["matmuls", "torch_naive", "torch_reference", "torch_compile", "triton", "liger", "cuda"]  # cuda last: its first use may build the extension
 
 
 def naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -80,7 +80,7 @@ def provider_fn(name: str):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], PRESETS, PROVIDERS)
-    rows: list[dict] = []
+    results = open_results("fused_linear_token_logprobs", args)
     for shape in args.shapes:
         N, H, V, dtype = shape["N"], shape["H"], shape["V"], dtype_of(shape["dtype"])
         gen = torch.Generator(device=args.device).manual_seed(0)
@@ -91,13 +91,13 @@ def main() -> None:
         for provider in args.providers:
             base = dict(shape=shape_label(shape), provider=provider)
             if provider == "matmuls":
-                measure(rows, {**base, "mode": "fwd"}, lambda: hidden @ weight.t(), args, flops=2 * N * V * H)
-                measure(rows, {**base, "mode": "fwd_bwd"}, lambda: bare_matmuls(hidden, weight), args, flops=6 * N * V * H)
+                measure(results, {**base, "mode": "fwd"}, lambda: hidden @ weight.t(), args, flops=2 * N * V * H)
+                measure(results, {**base, "mode": "fwd_bwd"}, lambda: bare_matmuls(hidden, weight), args, flops=6 * N * V * H)
                 continue
             try:
                 fn = provider_fn(provider)
             except Exception as e:  # noqa: BLE001
-                rows.append({**base, "mode": "fwd", "error": f"{type(e).__name__}: {e}"})
+                results.add({**base, "mode": "fwd", "error": f"{type(e).__name__}: {e}"})
                 continue
 
             def fwd():
@@ -111,11 +111,12 @@ def main() -> None:
                 loss.backward()
                 return h.grad, w.grad
 
-            measure(rows, {**base, "mode": "fwd"}, fwd, args, flops=2 * N * V * H)
-            measure(rows, {**base, "mode": "fwd_bwd"}, fwd_bwd, args, flops=6 * N * V * H)
+            measure(results, {**base, "mode": "fwd"}, fwd, args, flops=2 * N * V * H)
+            measure(results, {**base, "mode": "fwd_bwd"}, fwd_bwd, args, flops=6 * N * V * H)
         grads_mb = (N * H + V * H) * hidden.element_size() / 2**20
-        add_targets([r for r in rows if r["shape"] == shape_label(shape)], grads_mb)
-    emit("fused_linear_token_logprobs", rows, args)
+        add_targets([r for r in results.rows if r["shape"] == shape_label(shape)], grads_mb)  # earlier runs' too (--append)
+        results.save()
+    emit(results, args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from _common import compiled, emit, kernels, measure, parse_args, shape_label
+from _common import compiled, emit, kernels, measure, open_results, parse_args, shape_label
 
 PRESETS = {
     "real": [dict(B=16, T=1024), dict(B=256, T=2048), dict(B=64, T=8192)],
@@ -44,7 +44,7 @@ def provider_fn(name: str):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], PRESETS, PROVIDERS)
-    rows: list[dict] = []
+    results = open_results("policy_loss", args)
     for shape in args.shapes:
         B, T = shape["B"], shape["T"]
         dev = args.device
@@ -61,7 +61,7 @@ def main() -> None:
             try:
                 fn = provider_fn(provider)
             except Exception as e:  # noqa: BLE001
-                rows.append({**base, "error": f"{type(e).__name__}: {e}"})
+                results.add({**base, "error": f"{type(e).__name__}: {e}"})
                 continue
 
             def fwd_bwd():
@@ -70,8 +70,8 @@ def main() -> None:
                 loss.backward()
                 return lp.grad, ent.grad
 
-            measure(rows, base, fwd_bwd, args, bytes_moved=B * T * (5 * 4 + 1 + 2 * 4))
-    emit("policy_loss", rows, args)
+            measure(results, base, fwd_bwd, args, bytes_moved=B * T * (5 * 4 + 1 + 2 * 4))
+    emit(results, args)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from _common import compiled, dtype_of, emit, kernels, liger_functional, measure, parse_args, shape_label
+from _common import compiled, dtype_of, emit, kernels, liger_functional, measure, open_results, parse_args, shape_label
 
 PRESETS = {
     "real": [dict(N=16384, V=151936, dtype="bf16"), dict(N=4096, V=151936, dtype="bf16"), dict(N=16384, V=32000, dtype="bf16")],
     "small": [dict(N=1024, V=32000, dtype="fp32")],
     "tiny": [dict(N=16, V=1000, dtype="fp32")],
 }
-PROVIDERS = ["torch_naive", "torch_reference", "torch_compile", "triton", "cuda", "liger"]
+PROVIDERS = ["torch_naive", "torch_reference", "torch_compile", "triton", "liger", "cuda"]  # cuda last: its first use may build the extension
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -58,7 +58,7 @@ def provider_fn(name: str):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], PRESETS, PROVIDERS)
-    rows: list[dict] = []
+    results = open_results("token_logprobs", args)
     for shape in args.shapes:
         N, V, dtype = shape["N"], shape["V"], dtype_of(shape["dtype"])
         gen = torch.Generator(device=args.device).manual_seed(0)
@@ -71,7 +71,7 @@ def main() -> None:
             try:
                 fn = provider_fn(provider)
             except Exception as e:  # noqa: BLE001
-                rows.append({**base, "mode": "fwd", "error": f"{type(e).__name__}: {e}"})
+                results.add({**base, "mode": "fwd", "error": f"{type(e).__name__}: {e}"})
                 continue
 
             def fwd():
@@ -85,9 +85,9 @@ def main() -> None:
                 loss.backward()
                 return x.grad
 
-            measure(rows, {**base, "mode": "fwd"}, fwd, args, bytes_moved=N * V * elt)
-            measure(rows, {**base, "mode": "fwd_bwd"}, fwd_bwd, args, bytes_moved=3 * N * V * elt)
-    emit("token_logprobs", rows, args)
+            measure(results, {**base, "mode": "fwd"}, fwd, args, bytes_moved=N * V * elt)
+            measure(results, {**base, "mode": "fwd_bwd"}, fwd_bwd, args, bytes_moved=3 * N * V * elt)
+    emit(results, args)
 
 
 if __name__ == "__main__":

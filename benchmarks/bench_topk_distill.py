@@ -24,7 +24,7 @@ import torch
 
 from selfdistill.ops.reference import topk_divergence  # torch only: TRITON_INTERPRET is decided in parse_args
 
-from _common import compiled, dtype_of, emit, kernels, measure, parse_args, shape_label, write_json
+from _common import compiled, dtype_of, emit, kernels, measure, open_results, parse_args, shape_label
 from bench_fused_linear import add_targets
 
 PRESETS = {
@@ -71,7 +71,7 @@ def provider_fn(name: str):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], PRESETS, PROVIDERS)
-    rows: list[dict] = []
+    results = open_results("topk_distill", args)
     for shape in args.shapes:
         N, H, V, K, dtype = shape["N"], shape["H"], shape["V"], shape["K"], dtype_of(shape["dtype"])
         gen = torch.Generator(device=args.device).manual_seed(0)
@@ -84,10 +84,9 @@ def main() -> None:
         for provider in args.providers:
             base = dict(shape=shape_label(shape), provider=provider)
             if provider == "matmuls":
-                measure(rows, {**base, "mode": "fwd"}, lambda: (hidden @ weight.t(), teacher_hidden @ teacher_weight.t()), args,
+                measure(results, {**base, "mode": "fwd"}, lambda: (hidden @ weight.t(), teacher_hidden @ teacher_weight.t()), args,
                         flops=4 * N * V * H)
-                measure(rows, {**base, "mode": "fwd_bwd"}, lambda: bare_matmuls(*inputs), args, flops=8 * N * V * H)
-                write_json("topk_distill", rows, args)
+                measure(results, {**base, "mode": "fwd_bwd"}, lambda: bare_matmuls(*inputs), args, flops=8 * N * V * H)
                 continue
 
             # a provider that cannot be built (a torch.compile failure) gives error rows through `measure`
@@ -102,11 +101,11 @@ def main() -> None:
                 return h.grad, w.grad
 
             for mode, step, flops in (("fwd", fwd, 4 * N * V * H), ("fwd_bwd", fwd_bwd, 8 * N * V * H)):
-                measure(rows, {**base, "mode": mode}, step, args, flops=flops)
-                write_json("topk_distill", rows, args)
+                measure(results, {**base, "mode": mode}, step, args, flops=flops)
         grads_mb = (N * H + V * H) * hidden.element_size() / 2**20
-        add_targets([r for r in rows if r["shape"] == shape_label(shape)], grads_mb)
-    emit("topk_distill", rows, args)
+        add_targets([r for r in results.rows if r["shape"] == shape_label(shape)], grads_mb)  # earlier runs' too (--append)
+        results.save()
+    emit(results, args)
 
 
 if __name__ == "__main__":

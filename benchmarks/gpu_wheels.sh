@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetch, on this machine (where pip reaches the package registry), the wheels that the lent GPU
-# machine lacks, into .whl/ (git-ignored through .git/info/exclude): that machine has CUDA torch,
+# machine may lack, into .whl/ (git-ignored through .git/info/exclude; gpu_session.sh installs only
+# those whose package `pip show` does not find there): that machine has CUDA torch,
 # triton, transformers, safetensors, tensorboard, numpy, pyarrow and tqdm (Python 3.12) but no
 # registry, and selfdistill also needs hydra-core, omegaconf, math-verify and deepspeed and their
 # dependencies. Pure-Python packages come as py3-none-any wheels, pydantic-core as a cp312

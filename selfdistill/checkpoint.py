@@ -7,6 +7,7 @@ Layout under `<run_dir>/checkpoints/`:
         trainer_state.pt           step, stage, sampler, warmup position, optimizer, scheduler
         rng-rank00000.pt ...       every RNG of every rank
         optimizer/ | deepspeed/    FSDP2 / DeepSpeed only: per-rank optimizer shards
+        teacher/model.safetensors  an EMA self-teacher's weights (SDPO / SDFT with teacher=ema)
         COMPLETE                   written last, before the rename
     latest                         name of the newest complete checkpoint (replaced atomically)
 
@@ -77,8 +78,11 @@ def checkpoint_name(stage: str, step: int) -> str:
     return f"{stage}-step-{step:06d}"
 
 
-def save_checkpoint(run_dir: str, name: str, *, engine, tokenizer, trainer_state: dict, keep_last: int = 0, protect: tuple[str, ...] = ()) -> str:
-    """Write checkpoint `name` atomically; every rank calls this (sharded engines gather)."""
+def save_checkpoint(run_dir: str, name: str, *, engine, tokenizer, trainer_state: dict, keep_last: int = 0,
+                    protect: tuple[str, ...] = (), extra_weights: dict[str, dict] | None = None) -> str:
+    """Write checkpoint `name` atomically; every rank calls this (sharded engines gather).
+    `extra_weights`: {subdirectory: state dict} of further models (an EMA teacher), written by rank 0
+    as `<subdirectory>/model.safetensors` (`read_extra_weights`)."""
     root = os.path.join(run_dir, CKPT_DIR)
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".tmp-{name}")
@@ -92,6 +96,11 @@ def save_checkpoint(run_dir: str, name: str, *, engine, tokenizer, trainer_state
         engine.unwrapped().save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "optim": opt_state}, os.path.join(tmp, "trainer_state.pt"))
+        for sub, state in (extra_weights or {}).items():
+            from safetensors.torch import save_file
+
+            os.makedirs(os.path.join(tmp, sub))
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, sub, "model.safetensors"))
     engine.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{engine.rank:05d}.pt"))
     engine.save_sharded_state(tmp)  # FSDP2 / DeepSpeed: every rank writes its optimizer shards
@@ -167,6 +176,16 @@ def read_model_weights(ckpt: str) -> dict:
     for f in files:
         state.update(load_file(os.path.join(ckpt, f)))
     return state
+
+
+def read_extra_weights(ckpt: str, sub: str) -> dict:
+    """The state dict `save_checkpoint(extra_weights={sub: ...})` wrote into `ckpt`."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(ckpt, sub, "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} missing: checkpoint {ckpt} holds no {sub} weights")
+    return load_file(path)
 
 
 def load_model_weights(model, ckpt: str) -> None:

@@ -20,7 +20,13 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 TOKEN_WEIGHTINGS = ("uniform", "ramp")
 ENGINES = ("single", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 OPS_BACKENDS = ("auto", "torch", "triton", "cuda")
-STAGES = ("sft", "grpo", "eval")
+STAGES = ("sft", "grpo", "sdpo", "sdft", "eval")
+ALGOS = ("grpo", "sdpo", "sdft")  # the training stage `algo.name` runs (besides sft / eval)
+DISTILL_LOSSES = ("sampled_token", "topk")
+TEACHERS = ("frozen", "ema", "live")
+SDFT_MODES = ("offline", "online")
+CURRICULA = ("none", "demo_length")
+BATCHINGS = ("single_pass", "three_pass")
 REWARD_AGGS = ("mean", "sum_clip", "mean_min")
 WITHOUT_MODES = ("placebo", "ban")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -101,8 +107,43 @@ class RewardConfig:
     grader_workers: int = 2
 
 
+# Teacher-context templates of SPEC section 6 ({prompt}: the user's question; {demonstration}: a
+# correct sibling's completion (SDPO) or the row's demonstration (SDFT); {feedback}: the grader's
+# message). The feedback wording is this trainer's choice: SPEC names only the messages.
+SDPO_TEMPLATE = "{prompt}\n\nCorrect solution:\n\n{demonstration}\n\nCorrectly solve the original question."
+SDFT_TEMPLATE = ("{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+                 "Now answer with a response of your own.")
+FEEDBACK_TEMPLATE = ("{prompt}\n\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}\n\n"
+                     "Correctly solve the original question.")
+
+
+@dataclass
+class DistillConfig:
+    """The self-teacher and the distillation loss (SPEC section 6), shared by SDPO and SDFT."""
+
+    loss: str = "sampled_token"  # sampled_token | topk
+    weight: float = 1.0  # L = (1 - weight) L_policy + weight L_distill
+    teacher: str = "frozen"  # frozen (stage-start weights) | ema | live (the student)
+    ema_tau: float = 0.05
+    is_clip: float = 2.0  # sampled_token: rho = min(exp(logp - logp_old), is_clip)
+    topk: int = 100
+    tail: bool = True
+    alpha: float = 0.5  # 0 = KL(T||S), 1 = KL(S||T), else generalised JSD
+    template: str = SDPO_TEMPLATE
+    feedback: bool = False  # SDPO: a rollout without a demonstration gets the grader's message
+    feedback_template: str = FEEDBACK_TEMPLATE
+    reprompt_on_self_success: bool = False  # SDPO: a correct rollout may be its own demonstration
+    max_teacher_prompt_tokens: int = 2048  # the teacher prompt keeps its last this many tokens
+
+
+@dataclass
+class SDFTAlgoConfig:
+    mode: str = "offline"  # offline: CE on frozen-teacher samples (seed recipe) | online: on-policy distillation
+
+
 @dataclass
 class AlgoConfig:
+    name: str = "grpo"  # grpo | sdpo | sdft: the training stage this algorithm runs in
     loss_type: str = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -115,6 +156,8 @@ class AlgoConfig:
     ppo_epochs: int = 1
     num_minibatches: int = 1
     max_len_norm: Optional[int] = None  # dr_grpo's constant; null = rollout.max_new_tokens
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sdft: SDFTAlgoConfig = field(default_factory=SDFTAlgoConfig)
 
 
 @dataclass
@@ -161,6 +204,17 @@ class StageOptimConfig:
     micro_batch_size: Optional[int] = None
     grad_clip: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+
+
+@dataclass
+class SDFTStageConfig(StageOptimConfig):
+    """The SDFT stage: optimizer and batch as every stage, plus its eval cadence and data order."""
+
+    train_pairs: Optional[int] = None  # train on the first this many rows (the seed's fixed subset); null = all
+    eval_every: int = 0  # steps between evals of the score 1/(1 + eval token loss); 0 = at the end only
+    eval_prompts: int = 32  # held-out rows whose frozen-teacher completions the score is measured on
+    curriculum: str = "none"  # none | demo_length (shortest demonstration first)
+    batching: str = "single_pass"  # single_pass (every epoch in curriculum order) | three_pass
 
 
 @dataclass
@@ -225,6 +279,8 @@ class Config:
     ops: OpsConfig = field(default_factory=OpsConfig)
     sft: StageOptimConfig = field(default_factory=StageOptimConfig)
     grpo: StageOptimConfig = field(default_factory=lambda: StageOptimConfig(lr=1e-4, steps=50, batch_size=8))
+    sdpo: StageOptimConfig = field(default_factory=lambda: StageOptimConfig(lr=1e-4, steps=50, batch_size=8))
+    sdft: SDFTStageConfig = field(default_factory=lambda: SDFTStageConfig(lr=5e-5, steps=30, batch_size=32))
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -267,7 +323,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _choice(cfg.trainer.on_nonfinite, "trainer.on_nonfinite", NONFINITE_POLICIES)
     for stage in cfg.trainer.stages:
         _choice(stage, "trainer.stages[]", STAGES)
-    for name in ("sft", "grpo"):
+    for name in ("sft", "grpo", "sdpo", "sdft"):
         st = cfg[name]
         _choice(st.schedule, f"{name}.schedule", SCHEDULES)
         if not st.lr > 0:
@@ -316,6 +372,7 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError(f"reward.meta_warmup_steps={cfg.reward.meta_warmup_steps} must be >= 0")
     if cfg.reward.grader_timeout_s <= 0:
         raise ConfigError(f"reward.grader_timeout_s={cfg.reward.grader_timeout_s} must be > 0")
+    _validate_distillation(cfg)
     if cfg.data.source not in ("synthetic", "files"):
         raise ConfigError(f"data.source={cfg.data.source!r}: choose synthetic or files")
     if cfg.data.source == "files" and not cfg.data.train_path:
@@ -367,6 +424,54 @@ def validate_report(cfg: ReportConfig | DictConfig) -> None:
         raise ConfigError(f"report.bootstrap_samples={cfg.bootstrap_samples} must be >= 100 for a usable interval")
     if not (0 < cfg.confidence < 1):
         raise ConfigError(f"report.confidence={cfg.confidence} must be in (0, 1), e.g. 0.95")
+
+
+def _validate_distillation(cfg: Config | DictConfig) -> None:
+    """algo.name against the stages that run, and the self-distillation keys (SPEC section 6)."""
+    a, d = cfg.algo, cfg.algo.distill
+    _choice(a.name, "algo.name", ALGOS)
+    _choice(d.loss, "algo.distill.loss", DISTILL_LOSSES)
+    _choice(d.teacher, "algo.distill.teacher", TEACHERS)
+    _choice(a.sdft.mode, "algo.sdft.mode", SDFT_MODES)
+    stages = list(cfg.trainer.stages)
+    others = [s for s in ("grpo", "sdpo", "sdft") if s != a.name and s in stages]
+    if others:
+        raise ConfigError(f"algo.name={a.name} (algo={a.name}) trains in the {a.name} stage, but trainer.stages={stages} "
+                          f"has {others[0]}: set trainer.stages to use {a.name} (e.g. [sft, eval, {a.name}, eval]) "
+                          f"or choose algo={others[0]}")
+    if not 0 <= d.weight <= 1:
+        raise ConfigError(f"algo.distill.weight={d.weight} must be in [0, 1] (L = (1 - w) L_policy + w L_distill)")
+    if not 0 < d.ema_tau <= 1:
+        raise ConfigError(f"algo.distill.ema_tau={d.ema_tau} must be in (0, 1] (0.05 is the default; teacher=frozen is tau = 0)")
+    if not d.is_clip > 0:
+        raise ConfigError(f"algo.distill.is_clip={d.is_clip} must be > 0 (2.0 is the default)")
+    if d.topk < 1:
+        raise ConfigError(f"algo.distill.topk={d.topk} must be >= 1 (100 is the default)")
+    if not 0 <= d.alpha <= 1:
+        raise ConfigError(f"algo.distill.alpha={d.alpha} must be in [0, 1] (0: KL(T||S), 1: KL(S||T), 0.5: JSD)")
+    if d.max_teacher_prompt_tokens < 1:
+        raise ConfigError(f"algo.distill.max_teacher_prompt_tokens={d.max_teacher_prompt_tokens} must be >= 1")
+    for key, slots in (("template", ("{prompt}", "{demonstration}")), ("feedback_template", ("{prompt}", "{feedback}"))):
+        text = getattr(d, key)
+        missing = [s for s in slots if s not in text]
+        if missing:
+            raise ConfigError(f"algo.distill.{key}={text!r} lacks {', '.join(missing)}; it must contain {' and '.join(slots)}")
+    if a.name == "sdft":
+        if d.weight != 1.0:
+            raise ConfigError(f"algo.distill.weight={d.weight}: SDFT has no reward, so there is no policy loss to mix; "
+                              "keep algo.distill.weight=1.0")
+        if a.sdft.mode == "offline" and d.teacher != "frozen":
+            raise ConfigError(f"algo.sdft.mode=offline trains on completions the frozen teacher generates; "
+                              f"algo.distill.teacher={d.teacher} applies to mode=online only (set it to frozen)")
+    s = cfg.sdft
+    _choice(s.curriculum, "sdft.curriculum", CURRICULA)
+    _choice(s.batching, "sdft.batching", BATCHINGS)
+    if s.batching == "three_pass" and s.curriculum == "none":
+        raise ConfigError("sdft.batching=three_pass alternates sorted and shuffled passes: it needs sdft.curriculum=demo_length")
+    if s.train_pairs is not None and s.train_pairs < 1:
+        raise ConfigError(f"sdft.train_pairs={s.train_pairs} must be >= 1 (the first rows of the train split) or null (all)")
+    if s.eval_every < 0 or s.eval_prompts < 1:
+        raise ConfigError(f"sdft.eval_every={s.eval_every} must be >= 0 and sdft.eval_prompts={s.eval_prompts} >= 1")
 
 
 def to_container(cfg: Config | DictConfig) -> dict:

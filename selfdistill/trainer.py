@@ -1,6 +1,6 @@
 """The run's lifecycle: build, resume, run the configured stages in order, save.
 
-    for stage in cfg.trainer.stages:        sft | grpo | eval  (selfdistill.stages, one module each)
+    for stage in cfg.trainer.stages:        sft | grpo | sdpo | sdft | eval  (selfdistill.stages, one module each)
         run it (resumable mid-stage); checkpoint at its end
     write summary.json
 

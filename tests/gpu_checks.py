@@ -5,7 +5,16 @@ reference on the same inputs, forward and gradients, fp32 and bf16 inputs.
     python tests/gpu_checks.py --device cpu --json out.json    # here: Triton interpreter, csrc CPU path
 
 The rule for every output and gradient: max abs error vs fp64 <= 4x the error of torch's own fp32
-reference (`selfdistill.ops.reference`) on the same inputs, or <= `FLOOR` when that is smaller.
+reference (`selfdistill.ops.reference`) on the same inputs, or <= `FLOOR` when that is smaller (a
+NaN on either side fails it).
+
+Each check stands alone: what it raised is recorded as its failure and the next check runs. The
+backends are set up by checks of their own, `triton/import` and `csrc/build` (the extension is
+built once); when one fails, that backend's op checks are recorded as failed at once. The checks run
+in a worker process: a check that kills it (a segfault, or a CUDA error that leaves the context
+unusable, so that every later CUDA call would fail too) is recorded as failed and a fresh worker
+goes on with the next. `--json` is rewritten after every check (benchmarks/json_rows.py), so a run
+cut short keeps every finished check; `planned` lists them all and `ok` is set at the end.
 Prints one line per check and exits 1 if any fails. tests/test_gpu_checks.py runs the CPU mode; on
 a CUDA machine it runs the CUDA mode too.
 """
@@ -13,76 +22,108 @@ a CUDA machine it runs the CUDA mode too.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from json_rows import JsonRows  # noqa: E402
 
 FLOOR = 2e-5
+SETUP = {"triton": "triton/import", "csrc": "csrc/build"}  # a backend's setup check, run before its op checks
+BACKEND_ORDER = ("triton", "csrc")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before selfdistill.kernels is first imported
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # run the checks (the parent supervises)
+    p.add_argument("--die-in", default=None, metavar="CHECK",
+                   help="testing aid: the worker kills itself inside CHECK, as a segfault would")
+    return p.parse_args()
+
+
+def max_error(a, b) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+
+
+def compare(impl, ref, ref64, inputs) -> list[dict]:
+    """impl / ref (torch fp32) / ref64 (fp64 math): fn(*inputs) -> tuple of outputs. Errors of every
+    output and of the gradients of sum_k <out_k, w_k> (fixed random w) w.r.t. every input."""
     import torch
 
-    import selfdistill.kernels as kernels
+    outs = {}
+    for label, fn, cast in (("impl", impl, None), ("fp32", ref, None), ("fp64", ref64, torch.float64)):
+        xs = [(t.detach().to(cast) if cast else t.detach().clone()).requires_grad_(True) for t in inputs]
+        y = fn(*xs)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in y)
+        loss.backward()
+        outs[label] = ([o.detach() for o in y], [x.grad.detach() for x in xs])
+    errors = []
+    for kind, k in (("out", 0), ("grad", 1)):
+        for j, (a, b, c) in enumerate(zip(outs["impl"][k], outs["fp32"][k], outs["fp64"][k])):
+            ours, theirs = max_error(a, c), max_error(b, c)
+            errors.append({"what": f"{kind}{j}", "impl": ours, "torch_fp32": theirs, "ok": ours <= max(4 * theirs, FLOOR)})
+    return errors
+
+
+def define_checks(device: str) -> list[tuple[str, str | None, Callable[[], list[dict]]]]:
+    """(name, backend, run) in order; `run` returns compare()'s error rows. The inputs are made here,
+    from fixed seeds, so a restarted worker checks the same numbers."""
+    import torch
+
     from selfdistill.ops import cuda_ext, reference
 
-    dev = torch.device(args.device)
-    small = args.device == "cpu"
-    results = []
+    def triton(name):  # imported when a check runs: a failed import fails the Triton checks only
+        return getattr(importlib.import_module("selfdistill.kernels"), name)
 
-    def err(a, b):
-        return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+    def triton_setup():
+        kernels = importlib.import_module("selfdistill.kernels")
+        if device == "cuda" and kernels.INTERPRETED:
+            raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreter takes CPU tensors")
+        return []
 
-    def check(name, impl, ref, ref64, inputs):
-        """impl / ref (torch fp32) / ref64 (fp64 math): fn(*inputs) -> tuple of outputs. Gradients of
-        sum_k <out_k, w_k> (fixed random w) w.r.t. every input."""
-        outs = {}
-        for label, fn, cast in (("impl", impl, None), ("fp32", ref, None), ("fp64", ref64, torch.float64)):
-            xs = [(t.detach().to(cast) if cast else t.detach().clone()).requires_grad_(True) for t in inputs]
-            y = fn(*xs)
-            g = torch.Generator(device="cpu").manual_seed(1)
-            loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in y)
-            loss.backward()
-            outs[label] = ([o.detach() for o in y], [x.grad.detach() for x in xs])
-        row = {"check": name, "ok": True, "errors": []}
-        for kind, k in (("out", 0), ("grad", 1)):
-            for j, (a, b, c) in enumerate(zip(outs["impl"][k], outs["fp32"][k], outs["fp64"][k])):
-                ours, theirs = err(a, c), err(b, c)
-                ok = ours <= max(4 * theirs, FLOOR)
-                row["errors"].append({"what": f"{kind}{j}", "impl": ours, "torch_fp32": theirs, "ok": ok})
-                row["ok"] &= ok
-        results.append(row)
-        worst = max(row["errors"], key=lambda e: e["impl"])
-        print(f"{'ok  ' if row['ok'] else 'FAIL'} {name}: worst {worst['what']} {worst['impl']:.2e} (torch fp32 {worst['torch_fp32']:.2e})")
+    def csrc_setup():
+        cuda_ext.extension()  # the JIT build (CUDA kernels included where torch sees a GPU), cached on disk
+        return []
+
+    checks = [("triton/import", "triton", triton_setup), ("csrc/build", "csrc", csrc_setup)]  # run before their backends
+    dev = torch.device(device)
+    small = device == "cpu"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0, dtype=torch.float32):
+        return (torch.randn(*shape, generator=gen) * scale).to(dev, dtype)
 
     def lp64(logits, targets, temperature):
         lp = torch.log_softmax(logits.double() / temperature, -1)
         return lp.gather(-1, targets[:, None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape, scale=1.0, dtype=torch.float32):
-        return (torch.randn(*shape, generator=gen) * scale).to(dev, dtype)
+    def add(name, backend, impl, ref, ref64, inputs):
+        checks.append((name, backend, lambda: compare(impl, ref, ref64, inputs)))
 
     N, V, H = (9, 301, 32) if small else (2048, 32000, 1024)
     for dtype in (torch.float32, torch.bfloat16):
         tag = "fp32" if dtype == torch.float32 else "bf16"
         targets = torch.randint(0, V, (N,), generator=gen).to(dev)
         logits = rand(N, V, scale=3.0, dtype=dtype)
-        ref = lambda x: reference.token_logprobs(x, targets, 0.7)  # noqa: E731
-        ref64 = lambda x: lp64(x, targets, 0.7)  # noqa: E731
-        check(f"token_logprobs/triton/{tag}", lambda x: kernels.token_logprobs(x, targets, 0.7), ref, ref64, [logits])
-        check(f"token_logprobs/csrc/{tag}", lambda x: cuda_ext.token_logprobs(x, targets, 0.7), ref, ref64, [logits])
+        ref = lambda x, t=targets: reference.token_logprobs(x, t, 0.7)  # noqa: E731
+        ref64 = lambda x, t=targets: lp64(x, t, 0.7)  # noqa: E731
+        add(f"token_logprobs/triton/{tag}", "triton", lambda x, t=targets: triton("token_logprobs")(x, t, 0.7), ref, ref64, [logits])
+        add(f"token_logprobs/csrc/{tag}", "csrc", lambda x, t=targets: cuda_ext.token_logprobs(x, t, 0.7), ref, ref64, [logits])
         hidden, weight = rand(N, H, dtype=dtype), rand(V, H, scale=H ** -0.5, dtype=dtype)
-        check(f"fused_linear/triton/{tag}", lambda h, w: kernels.fused_linear_token_logprobs(h, w, targets, 1.0),
-              lambda h, w: reference.fused_linear_token_logprobs(h, w, targets, 1.0),
-              lambda h, w: lp64(h @ w.t(), targets, 1.0), [hidden, weight])
+        add(f"fused_linear/triton/{tag}", "triton", lambda h, w, t=targets: triton("fused_linear_token_logprobs")(h, w, t, 1.0),
+            lambda h, w, t=targets: reference.fused_linear_token_logprobs(h, w, t, 1.0),
+            lambda h, w, t=targets: lp64(h @ w.t(), t, 1.0), [hidden, weight])
 
     B, T = (4, 23) if small else (256, 1024)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
@@ -99,10 +140,10 @@ def main() -> int:
 
         # fp64 side: the torch reference fed fp64 tensors (its arithmetic follows the input dtype)
         lp0 = old + 0.1 * rand(B, T)
-        for label, impl in (("triton", kernels.policy_loss), ("csrc", cuda_ext.policy_loss)):
-            check(f"policy_loss/{label}/{loss_type}", lambda lp, e, impl=impl: run(impl, lp, e),
-                  lambda lp, e: run(reference.policy_loss, lp, e), lambda lp, e: run(reference.policy_loss, lp, e),
-                  [lp0, ent])
+        for backend, impl in (("triton", lambda *a, **k: triton("policy_loss")(*a, **k)), ("csrc", cuda_ext.policy_loss)):
+            add(f"policy_loss/{backend}/{loss_type}", backend, lambda lp, e, impl=impl, run=run: run(impl, lp, e),
+                lambda lp, e, run=run: run(reference.policy_loss, lp, e), lambda lp, e, run=run: run(reference.policy_loss, lp, e),
+                [lp0, ent])
 
     R, K = (3, 5) if small else (512, 8)
     gold_ids, decoy_ids = torch.randint(0, V, (R, K), generator=gen).to(dev), torch.randint(0, V, (R, K), generator=gen).to(dev)
@@ -120,20 +161,115 @@ def main() -> int:
         c = torch.where(first, one_row, torch.where(divergent, two_pass, torch.zeros_like(one_row)))
         return c, c.sum(-1)
 
-    for label, impl in (("triton", kernels.gold_decoy_contrast), ("csrc", cuda_ext.gold_decoy_contrast)):
-        check(f"gold_decoy_contrast/{label}", lambda a, b, impl=impl: impl(a, b, gold_ids, decoy_ids, divergent),
-              lambda a, b: reference.gold_decoy_contrast(a, b, gold_ids, decoy_ids, divergent), contrast64, [gl, dl])
+    contrast = {"triton": lambda *a: triton("gold_decoy_contrast")(*a), "csrc": cuda_ext.gold_decoy_contrast}
+    for backend, impl in contrast.items():
+        add(f"gold_decoy_contrast/{backend}", backend, lambda a, b, impl=impl: impl(a, b, gold_ids, decoy_ids, divergent),
+            lambda a, b: reference.gold_decoy_contrast(a, b, gold_ids, decoy_ids, divergent), contrast64, [gl, dl])
     values, members = rand(R, K, scale=2.0), divergent
-    for label, impl in (("triton", kernels.clipped_mean_min), ("csrc", cuda_ext.clipped_mean_min)):
-        check(f"clipped_mean_min/{label}", lambda x, impl=impl: (impl(x, members),),
-              lambda x: (reference.clipped_mean_min(x, members),), lambda x: (reference.clipped_mean_min(x, members),), [values])
+    reduction = {"triton": lambda *a: triton("clipped_mean_min")(*a), "csrc": cuda_ext.clipped_mean_min}
+    for backend, impl in reduction.items():
+        add(f"clipped_mean_min/{backend}", backend, lambda x, impl=impl: (impl(x, members),),
+            lambda x: (reference.clipped_mean_min(x, members),), lambda x: (reference.clipped_mean_min(x, members),), [values])
+    # Triton first: the csrc build (a minute or more) comes after them, so a run cut short during it
+    # still has every Triton result
+    return sorted(checks, key=lambda check: BACKEND_ORDER.index(check[1]))
 
-    ok = all(r["ok"] for r in results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                       "torch": torch.__version__, "floor": FLOOR, "ok": ok, "checks": results}, f, indent=1)
-    print("all checks passed" if ok else "SOME CHECKS FAILED")
+
+def device_usable(device: str) -> bool:
+    """False after a CUDA error that poisons the context (every later CUDA call would fail)."""
+    if device != "cuda":
+        return True
+    import torch
+
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def worker(args) -> int:
+    """Run every check not yet in the document, recording each as it ends. Exit 3 when the device is
+    left unusable, so the parent goes on in a fresh process."""
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before selfdistill.kernels is first imported
+    results = JsonRows(args.json, {}, key="checks", what="worker", append=True)
+    checks = define_checks(args.device)
+    results.update(planned=[name for name, _, _ in checks])
+    done = {row["check"]: row for row in results.rows}
+    for name, backend, run in checks:
+        if name in done:
+            continue
+        results.update(running=name)
+        start = time.time()
+        setup = SETUP.get(backend)
+        if setup != name and not done.get(setup, {}).get("ok", False):
+            row = {"check": name, "ok": False, "error": f"not run: {setup} failed"}
+        else:
+            if name == args.die_in:
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                errors = run()
+                row = {"check": name, "ok": all(e["ok"] for e in errors), "errors": errors}
+            except Exception as e:  # noqa: BLE001  (recorded as this check's failure; the next one runs)
+                row = {"check": name, "ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:2000]}"}
+        row["seconds"] = round(time.time() - start, 2)
+        done[name] = row
+        results.doc["running"] = None
+        results.add(row)  # one write: the row and "no check running"
+        print_check(row)
+        if not row["ok"] and not device_usable(args.device):
+            print(f"the {args.device} device is unusable after {name}; continuing in a fresh process", flush=True)
+            return 3
+    results.finish()
+    return 0
+
+
+def print_check(row: dict) -> None:
+    if "errors" in row and row["errors"]:
+        worst = max(row["errors"], key=lambda e: e["impl"])
+        detail = f"worst {worst['what']} {worst['impl']:.2e} (torch fp32 {worst['torch_fp32']:.2e})"
+    else:
+        detail = row.get("error", "ran")
+    print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['check']} ({row['seconds']:.1f}s): {detail}", flush=True)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    import torch
+
+    path = args.json or os.path.join(tempfile.mkdtemp(prefix="gpu_checks_"), "checks.json")
+    header = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "torch": torch.__version__, "floor": FLOOR, "ok": None, "planned": [], "running": None}
+    results = JsonRows(path, header, key="checks", what="gpu_checks")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--device", args.device, "--json", path]
+    cmd += ["--die-in", args.die_in] if args.die_in else []
+    while True:
+        proc = subprocess.run(cmd)
+        results.reload()
+        running = results.doc.get("running")
+        if proc.returncode == 0:
+            break
+        if running is None and proc.returncode == 3:
+            continue  # it recorded its check and found the device unusable after it
+        if running is None:  # died outside any check (an import, making the inputs): nothing to isolate
+            results.add({"check": "worker", "ok": False, "error": f"the worker process exited with {proc.returncode} outside a check"})
+            break
+        row = {"check": running, "ok": False, "seconds": None,
+               "error": f"the worker process died in this check (exit {proc.returncode}: a crash or a signal)"}
+        results.doc["running"] = None
+        results.add(row)
+        print_check({**row, "seconds": 0.0})
+    names = {row["check"] for row in results.rows}
+    ok = all(row["ok"] for row in results.rows) and set(results.doc["planned"]) <= names
+    results.update(ok=ok)
+    results.finish()
+    failed = [row["check"] for row in results.rows if not row["ok"]]
+    print(f"gpu_checks: {len(results.rows) - len(failed)}/{len(results.rows)} checks passed"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 0 if ok else 1
 
 

@@ -33,8 +33,15 @@ RUN = [
     "trainer.progress=false", "trainer.tensorboard=false", "trainer.torch_threads=1",
 ]
 # stage -> the overrides that make it short; each runs alone (`trainer.stages=[<stage>]`)
-STAGE_RUNS = {"sft": ["sft.steps=2"], "grpo": ["grpo.steps=2"], "eval": []}
-STEP_KEYS = {"sft": ("sft/loss", "grad_norm"), "grpo": ("loss", "grad_norm", "reward", "accuracy", "entropy")}
+STAGE_RUNS = {
+    "sft": ["sft.steps=2"],
+    "grpo": ["grpo.steps=2"],
+    "sdpo": ["algo=sdpo", "sdpo.steps=2", "sdpo.batch_size=2"],
+    "sdft": ["algo=sdft", "sdft.steps=2", "sdft.batch_size=4", "sdft.train_pairs=8", "sdft.eval_prompts=2"],
+    "eval": [],
+}
+STEP_KEYS = {"sft": ("sft/loss", "grad_norm"), "grpo": ("loss", "grad_norm", "reward", "accuracy", "entropy"),
+             "sdpo": ("loss", "grad_norm", "reward", "self_distillation/teacher_fraction"), "sdft": ("loss", "grad_norm")}
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,9 @@ def test_dispatch_through_ops_and_fused_linear(ext):
     t = torch.randint(0, 40, (9,), generator=g)
     try:
         ops.set_backend("cuda")
+        ops.reset_call_counts()
         lp, ent = ops.sequence_token_logprobs(h, w, t, 0.7)
+        assert ops.call_counts() == {("fused_linear_token_logprobs", "cuda"): 1}
     finally:
         ops.set_backend("auto")
     (lp.sum() + ent.sum()).backward()
@@ -144,7 +146,9 @@ def test_policy_loss_empty_batch_and_dispatch(ext):
     args = (torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.tensor([3, 3]))
     try:
         ops.set_backend("cuda")
+        ops.reset_call_counts()
         got, _ = ops.dispatched_policy_loss(*args)
+        assert ops.call_counts() == {("policy_loss", "cuda"): 1}
     finally:
         ops.set_backend("auto")
     want, _ = reference.policy_loss(*args)
@@ -166,8 +170,10 @@ def test_contrast_bad_ids_and_dispatch(ext):
     want = reference.gold_decoy_contrast(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), divergent)
     try:
         ops.set_backend("cuda")
+        ops.reset_call_counts()
         got = ops.dispatched_gold_decoy_contrast(gold, decoy, gold_ids, decoy_ids, divergent)
         did = ops.dispatched_gold_decoy_did(got[0], torch.zeros_like(got[0]), divergent)
+        assert ops.call_counts() == {("gold_decoy_contrast", "cuda"): 1, ("clipped_mean_min", "cuda"): 1}
     finally:
         ops.set_backend("auto")
     assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)

@@ -3,12 +3,15 @@
 One subprocess per script (benchmarks/bench_*.py), eager torch reference and the Triton kernel
 through the interpreter and the csrc extension's CPU path (and the bare matmuls for fused_linear); torch.compile is
 left out here only because compiling costs more than the whole smoke run. Checks the document's keys and that every number is finite.
+The JSON is written row by row (benchmarks/json_rows.py): a process killed after two rows leaves a
+valid file with both, and `--append` adds a later run's rows (the GPU session's torch.compile step).
 """
 
 import json
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,7 @@ def test_benchmark_script_writes_finite_json(script, tmp_path):
     doc = json.loads(out.read_text())
     assert {"kernel", "device", "device_name", "preset", "reps", "torch", "triton", "rows"} <= doc.keys()
     assert doc["kernel"] == kernel and doc["device"] == "cpu" and doc["preset"] == "tiny"
+    assert [run["complete"] for run in doc["runs"]] == [True]
     rows = doc["rows"]
     assert {r["provider"] for r in rows} == set(providers.split(","))
     assert {r["mode"] for r in rows} == modes
@@ -55,3 +59,44 @@ def test_benchmark_script_writes_finite_json(script, tmp_path):
         assert tile_mb * 0.99 <= extra["cuda"] <= tile_mb * 1.1 + 0.01, extra
         assert extra["torch_reference"] > extra["triton"] >= extra["cuda"], extra
         assert all("vs_matmuls" in r for r in rows if r["provider"] != "matmuls")
+
+
+def bench(script, out, *extra):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--preset", "tiny", "--reps", "1",
+           "--json", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_append_adds_a_later_runs_rows_and_exclude_leaves_a_provider_out(tmp_path):
+    out = tmp_path / "loss.json"
+    first = bench("bench_policy_loss.py", out, "--exclude", "torch_compile,triton,cuda")
+    assert [r["provider"] for r in first["rows"]] == ["torch_reference"]
+    both = bench("bench_policy_loss.py", out, "--providers", "triton", "--append")
+    assert [r["provider"] for r in both["rows"]] == ["torch_reference", "triton"]
+    assert both["rows"][0] == first["rows"][0]
+    assert [run["what"] for run in both["runs"]] == ["providers=torch_reference", "providers=triton"]
+    assert all(run["complete"] for run in both["runs"])
+
+
+def test_rows_written_before_a_kill_survive(tmp_path):
+    """A process killed (SIGKILL, as a time limit's second signal) after two rows: the file is valid
+    JSON with both rows, and its run says it was cut."""
+    out = tmp_path / "rows.json"
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+        from json_rows import JsonRows
+        rows = JsonRows({str(out)!r}, {{"kernel": "demo"}})
+        rows.add({{"ms": 1.0}})
+        rows.add({{"ms": 2.0}})
+        os.kill(os.getpid(), signal.SIGKILL)
+        rows.add({{"ms": 3.0}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["kernel"] == "demo" and doc["rows"] == [{"ms": 1.0}, {"ms": 2.0}]
+    assert [run["complete"] for run in doc["runs"]] == [False]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # no temporary file left behind

@@ -53,8 +53,25 @@ def make_batch(R, K, V, seed, divergent):
     return gold, decoy, gold_ids, decoy_ids
 
 
-def err(a, b) -> float:
-    return (a.double() - b.double()).nan_to_num(0.0).abs().max().item()
+def err(got, want) -> float:
+    """Max abs error of `got` against `want` over the reference's finite values, and inf when `got`
+    is NaN where `want` is not (or the reverse) or misses one of its infinities: a NaN output or
+    gradient fails every tolerance instead of counting as zero error."""
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    nan, finite = torch.isnan(want), torch.isfinite(want)
+    infinite = ~nan & ~finite
+    if not torch.equal(torch.isnan(got), nan) or not torch.equal(got[infinite], want[infinite]):
+        return math.inf
+    return (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def test_err_fails_on_a_nan_where_a_number_is_expected_and_the_reverse():
+    one, nan = torch.tensor([1.0, 2.0]), torch.tensor([1.0, float("nan")])
+    assert err(nan, one) == math.inf and err(one, nan) == math.inf
+    assert err(nan, nan) == 0.0 and err(one + 1e-3, one) == pytest.approx(1e-3, rel=1e-4)
+    assert err(torch.tensor([float("inf")]), torch.tensor([1.0])) == math.inf
+    assert err(torch.tensor([-float("inf")]), torch.tensor([float("inf")])) == math.inf
 
 
 DIVERGENT = torch.tensor([
@@ -168,9 +185,12 @@ def test_clipped_mean_min_random_and_gm_dispatch(backend, impl):
     assert err(got, want) < 1e-5
     try:
         ops.set_backend(backend)
+        ops.reset_call_counts()
         via_ops = ops.dispatched_gold_decoy_did(cm, cp, mask)
+        counts = ops.call_counts()
     finally:
         ops.set_backend("auto")
+    assert counts == {("clipped_mean_min", backend): 1}  # the chosen backend's kernel ran, not torch
     assert torch.equal(via_ops, got)
     assert err(reference.gold_decoy_did(cm, cp, mask), want) < 1e-5
 
@@ -186,17 +206,19 @@ def test_clipped_mean_min_gradient_matches_fp64(impl):
     mask = torch.rand(6, 37, generator=gen) < 0.6
     mask[0, 3] = mask[0, 5] = True
     mask[1, :4] = True
-    mask[2] = False  # an empty row: NaN out, no gradient
+    mask[2] = False  # an empty row: NaN out, no gradient even though its upstream gradient is not 0
     dout = torch.randn(6, generator=gen)
+    assert dout[2] != 0
     x = values.clone().requires_grad_(True)
     got = impl(x, mask)
-    (torch.nan_to_num(got) * dout).sum().backward()
+    (grad,) = torch.autograd.grad(got, x, dout)
     x64 = values.double().requires_grad_(True)
     want = reference.clipped_mean_min(x64, mask)
-    (torch.nan_to_num(want) * dout.double()).sum().backward()
-    assert err(got.detach(), want.detach().float()) < 1e-5
-    assert torch.isnan(got[2]) and not x.grad[2].any()
-    assert err(x.grad, x64.grad) < 1e-6
+    (grad64,) = torch.autograd.grad(want, x64, dout.double())
+    assert err(got, want) < 1e-5
+    assert torch.isnan(got[2]) and torch.isfinite(got[[0, 1, 3, 4, 5]]).all()
+    assert torch.equal(grad[2], torch.zeros(37)) and torch.isfinite(grad64).all()
+    assert err(grad, grad64) < 1e-6
 
 
 @pytest.mark.parametrize("impl", CONTRAST)
@@ -204,7 +226,8 @@ def test_deterministic_across_runs(impl):
     gold, decoy, gold_ids, decoy_ids = make_batch(4, 5, 300, seed=9, divergent=DIVERGENT)
     a = impl(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
     b = impl(gold.float(), decoy.float(), gold_ids, decoy_ids, DIVERGENT)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1].nan_to_num(), b[1].nan_to_num())
+    assert torch.isnan(a[1][3]) and torch.isfinite(a[1][:3]).all()  # row 3 has no divergent position
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN where NaN
 
 
 @pytest.mark.parametrize("impl", CONTRAST)

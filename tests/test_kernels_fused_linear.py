@@ -103,14 +103,22 @@ def test_padded_rows_contribute_nothing_to_dweight():
     assert err(dweight(hidden), dweight(garbage)) < 1e-6
 
 
-def test_dispatch_sequence_token_logprobs_uses_the_kernel_under_triton():
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+def test_dispatch_sequence_token_logprobs_runs_the_chosen_backend(backend):
+    """`ops.sequence_token_logprobs` runs the implementation `ops.backend` names (auto on CPU: the
+    torch reference), counted where that implementation launches, and nothing else: a dispatch that
+    fell back to torch would be counted under "torch"."""
     hidden, weight, targets, _, _ = make(5, 8, 100, seed=6)
-    assert ops.get_backend() == "auto" and ops.resolve("cpu") == "torch"
+    assert ops.get_backend() == "auto"
     try:
-        ops.set_backend("triton")
+        ops.set_backend(backend)
+        ops.reset_call_counts()
         lp, ent = ops.sequence_token_logprobs(hidden, weight, targets, 1.1)
+        counts = ops.call_counts()
     finally:
         ops.set_backend("auto")
+    ran = "torch" if backend == "auto" else backend
+    assert counts == {("fused_linear_token_logprobs", ran): 1}
     want_lp, want_ent = formula(hidden.double(), weight.double(), targets, 1.1)
     assert err(lp, want_lp) < 1e-5 and err(ent, want_ent) < 1e-5
 

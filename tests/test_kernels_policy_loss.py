@@ -167,12 +167,14 @@ def test_errors_and_dispatch():
         ops.set_backend("auto")
     with pytest.raises(ValueError, match="not valid"):
         ops.set_backend("jax")
-    assert ops._impl("policy_loss", "cpu") is reference.policy_loss  # auto on CPU -> torch
-    try:
-        ops.set_backend("triton")
-        assert ops._impl("policy_loss", "cpu") is kernels.policy_loss
-        loss, _ = ops.dispatched_policy_loss(*args, token_weighting="ramp")
-    finally:
-        ops.set_backend("auto")
     want, _ = reference.policy_loss(*args, token_weighting="ramp")
-    assert err(loss, want) < 1e-6
+    for backend, ran in (("auto", "torch"), ("triton", "triton"), ("cuda", "cuda")):  # auto on CPU -> torch
+        try:
+            ops.set_backend(backend)
+            ops.reset_call_counts()
+            loss, _ = ops.dispatched_policy_loss(*args, token_weighting="ramp")
+            counts = ops.call_counts()
+        finally:
+            ops.set_backend("auto")
+        assert counts == {("policy_loss", ran): 1}, backend
+        assert err(loss, want) < 1e-6, backend

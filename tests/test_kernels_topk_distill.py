@@ -339,10 +339,14 @@ def test_dispatch_runs_the_triton_kernels_under_triton_and_not_under_torch(monke
     assert ops.get_backend() == "auto" and ops.resolve("cpu") == "torch"
     try:
         ops.set_backend("torch")
+        ops.reset_call_counts()
         torch_run = run_fused(ops.sequence_topk_distill, hidden, weight, t_hidden, t_weight, g, 1.1, 7)
         assert all(c.launches == 0 for c in counters.values())
+        assert ops.call_counts() == {("fused_linear_topk_distill", "torch"): 1}
         ops.set_backend("triton")
+        ops.reset_call_counts()
         triton_run = run_fused(ops.sequence_topk_distill, hidden, weight, t_hidden, t_weight, g, 1.1, 7)
+        assert ops.call_counts() == {("fused_linear_topk_distill", "triton"): 1}
         # per side and chunk one vocabulary pass; one divergence launch; one backward per tile
         assert counters["_topk_logprobs_kernel"].launches == 2 and counters["_topk_divergence_kernel"].launches == 1
         assert counters["_topk_distill_bwd_kernel"].launches >= 1

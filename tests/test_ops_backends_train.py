@@ -1,17 +1,24 @@
 """Integration: the same short SFT + GRPO run with `ops.backend=torch`, `triton` (the Triton
 interpreter on CPU) and `cuda` (the csrc extension's CPU path) trains the same model: equal rewards
-and token counts, losses and grad norms to float rounding, final weights to Adam's rounding."""
+and token counts, losses and grad norms to float rounding, final weights to Adam's rounding; and
+the ops the trainer called ran on the chosen backend only (`selfdistill.ops.call_counts`, written by
+the training process at exit). Also: `ops.backend=auto` logs what it resolved to, once."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import selfdistill
+from selfdistill import ops
 from selfdistill.metrics import read_metrics
 from tests.conftest import TINY_RUN
 
@@ -19,14 +26,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["experiment=demo", *TINY_RUN, "sft.steps=3", "grpo.steps=2", "trainer.stages=[sft,grpo]", "trainer.device=cpu"]
 
 
-def _train(backend: str, run_dir) -> tuple[list[dict], dict]:
+# `python -m selfdistill.train ARGS`, and at exit the op call counts as JSON [[op, backend, calls], ...]
+# to the file named by the first argument
+TRAIN_AND_COUNT = """
+import atexit, json, runpy, sys
+import selfdistill
+from selfdistill import ops
+path = sys.argv.pop(1)
+atexit.register(lambda: json.dump([[*k, n] for k, n in ops.call_counts().items()], open(path, "w")))
+runpy.run_module("selfdistill.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _train(backend: str, run_dir) -> tuple[list[dict], dict, dict]:
     env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1" if backend == "triton" else "0")
-    proc = subprocess.run([sys.executable, "-m", "selfdistill.train", *ARGS, f"ops.backend={backend}", f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
+    counts_path = os.path.join(run_dir, "op_calls.json")
+    proc = subprocess.run([sys.executable, "-c", TRAIN_AND_COUNT, counts_path, *ARGS, f"ops.backend={backend}",
+                           f"hydra.run.dir={run_dir}"], cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
     rows = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
-    return rows, load_file(os.path.join(run_dir, "checkpoints", latest, "model.safetensors"))
+    counts = {(op, ran): n for op, ran, n in json.load(open(counts_path))}
+    return rows, load_file(os.path.join(run_dir, "checkpoints", latest, "model.safetensors")), counts
 
 
 @pytest.mark.slow
@@ -34,8 +55,12 @@ def _train(backend: str, run_dir) -> tuple[list[dict], dict]:
 def test_backend_trains_like_torch(backend, tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / backend).mkdir()
-    want_rows, want_w = _train("torch", tmp_path / "torch")
-    got_rows, got_w = _train(backend, tmp_path / backend)
+    want_rows, want_w, want_calls = _train("torch", tmp_path / "torch")
+    got_rows, got_w, got_calls = _train(backend, tmp_path / backend)
+    # the GRPO update's log-probs and loss ran on the chosen backend, as often as torch's ran there
+    assert {op for op, _ in want_calls} >= {"fused_linear_token_logprobs", "policy_loss"}
+    assert got_calls == {(op, backend): n for (op, _), n in want_calls.items()}, got_calls
+    assert {ran for _, ran in want_calls} == {"torch"}
     assert len(got_rows) == len(want_rows) == 5
     for a, b in zip(got_rows, want_rows):
         assert a.keys() == b.keys()
@@ -46,3 +71,25 @@ def test_backend_trains_like_torch(backend, tmp_path):
                 assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (backend, b["step"], k)
     for k, v in want_w.items():
         torch.testing.assert_close(got_w[k], v, rtol=0, atol=1e-4, msg=lambda m: f"{backend} {k}: {m}")
+
+
+@pytest.mark.parametrize("kernels_module,resolved,level", [
+    (None, "torch", logging.WARNING),  # triton missing: `import selfdistill.kernels` fails
+    (types.SimpleNamespace(INTERPRETED=True), "torch", logging.WARNING),  # interpreter: CPU tensors only
+    (types.SimpleNamespace(INTERPRETED=False), "triton", logging.INFO),
+])
+def test_auto_logs_what_it_resolved_to_on_cuda_once(monkeypatch, caplog, kernels_module, resolved, level):
+    monkeypatch.setitem(sys.modules, "selfdistill.kernels", kernels_module)
+    if kernels_module is not None:  # `import selfdistill.kernels as k` reads the package attribute first
+        monkeypatch.setattr(selfdistill, "kernels", kernels_module, raising=False)
+    caplog.set_level(logging.INFO, logger="selfdistill.ops")
+    try:
+        ops.set_backend("auto")  # forgets an earlier probe and log
+        assert [ops.resolve("cuda") for _ in range(3)] == [resolved] * 3
+    finally:
+        ops.set_backend("auto")
+    records = [r for r in caplog.records if r.name == "selfdistill.ops"]
+    assert len(records) == 1 and records[0].levelno == level, [r.getMessage() for r in records]
+    assert f"ops.backend=auto resolved to {resolved} for cuda tensors" in records[0].getMessage()
+    if resolved == "torch":
+        assert ("not importable" if kernels_module is None else "TRITON_INTERPRET=1") in records[0].getMessage()

@@ -117,14 +117,15 @@ def policy_loss_term(cfg: Config, token_adv: Tensor, batch: RolloutBatch, device
 def policy_update(engine, batch: RolloutBatch, token_adv: Tensor, pad_id: int, cfg: Config, step: int,
                   ref_logp: Tensor | None = None, filler: RolloutBatch | None = None, *,
                   extra_terms: tuple[LossTerm, ...] = (), policy_coef: float = 1.0,
-                  micro_batch_size: int | None = None) -> tuple[int, dict[str, float]]:
+                  micro_batch_size: int | None = None, on_applied_step=None) -> tuple[int, dict[str, float]]:
     """PPO-style epochs x minibatches of the clipped loss (plus `extra_terms`, e.g. a distillation
     loss), each minibatch in micro-batches of `micro_batch_size` rows (default `grpo.micro_batch_size`).
     Returns (optimizer steps applied, metrics). `ref_logp`: the reference's per-token log-probs of
-    these rows (`reference_logprobs`) for the KL term. Loss weighting across micro-batches and ranks:
+    these rows (`reference_logprobs`) for the KL term. `on_applied_step`: called after each applied
+    optimizer step (SDPO's EMA teacher). Loss weighting across micro-batches and ranks:
     `selfdistill.algo.update`."""
     terms = [policy_loss_term(cfg, token_adv, batch, engine.device, ref_logp, policy_coef), *extra_terms]
     return run_update(engine, batch, terms, pad_id=pad_id, temperature=cfg.rollout.temperature,
                       ppo_epochs=cfg.algo.ppo_epochs, num_minibatches=cfg.algo.num_minibatches,
                       micro_batch_size=micro_batch_size if micro_batch_size is not None else cfg.grpo.micro_batch_size,
-                      step=step, filler=filler)
+                      step=step, filler=filler, on_applied_step=on_applied_step)

@@ -9,6 +9,9 @@ backend never built at all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -52,11 +55,23 @@ def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, positi
     return captured[-1]
 
 
-def completion_logprobs(
+@dataclass
+class CompletionOutputs:
+    """A model's outputs on the completion tokens of a batch of rows."""
+
+    logp: Tensor  # [R, T] fp32, 0 outside the completion mask
+    entropy: Optional[Tensor]  # [R, T] fp32 or None
+    hidden: Optional[Tensor]  # [N, H]: the final hidden state before each completion token (N = mask.sum(), row-major)
+    lm_head: Optional[Tensor]  # [V, H]: the LM-head weight that turns `hidden` into logits
+
+
+def completion_outputs(
     model, prompt_ids: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad_id: int,
-    temperature: float = 1.0, with_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """logp [R, T] (0 outside `completion_mask`) and optionally entropy [R, T], fp32."""
+    temperature: float = 1.0, with_entropy: bool = False, with_hidden: bool = False,
+) -> CompletionOutputs:
+    """Per-token log-probs (and entropy) of the completion tokens; with `with_hidden` also the hidden
+    states and LM-head weight they come from, for losses over the vocabulary (top-K distillation,
+    SPEC section 6) that must not rebuild the [N, V] logits."""
     device = next(model.parameters()).device
     input_ids, attn, pos, P = build_sequences(prompt_ids, completion_ids, completion_mask, pad_id)
     hf = unwrap(model)
@@ -71,4 +86,13 @@ def completion_logprobs(
     entropy = None
     if with_entropy:
         entropy = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, ent)
-    return logp, entropy
+    return CompletionOutputs(logp, entropy, h if with_hidden else None, weight if with_hidden else None)
+
+
+def completion_logprobs(
+    model, prompt_ids: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad_id: int,
+    temperature: float = 1.0, with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """logp [R, T] (0 outside `completion_mask`) and optionally entropy [R, T], fp32."""
+    out = completion_outputs(model, prompt_ids, completion_ids, completion_mask, pad_id, temperature, with_entropy)
+    return out.logp, out.entropy

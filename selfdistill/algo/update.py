@@ -15,6 +15,10 @@ ranks with unequal rows). Ranks agree on the number of forwards (and backwards) 
 FSDP2 / ZeRO-3 forwards are collectives: a rank with fewer micro-batches runs zero-weight passes on
 one filler row. Gradient synchronisation (DDP all-reduce, FSDP2 reduce-scatter) runs once, on the
 last micro-batch of a minibatch (`engine.accumulation(last)`).
+
+A term with coefficient 0 is still evaluated for its metrics (e.g. SDPO's pure distillation logs
+the policy loss and entropy it does not train on) but adds nothing to the loss. Each term's value
+is reported as `loss/<name>`, weighted across micro-batches and ranks like the loss itself.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from selfdistill.algo.logprobs import completion_logprobs
+from selfdistill.algo.logprobs import CompletionOutputs, completion_logprobs, completion_outputs
 from selfdistill.rollout.base import RolloutBatch
 
 
@@ -36,6 +40,10 @@ class StudentOutputs:
     logp: Tensor  # with gradient
     entropy: Optional[Tensor]  # with gradient
     old_logp: Tensor  # the behaviour policy's log-probs (detached logp when the update is on-policy)
+    # Only when a term `needs_hidden`: the final hidden states [N, H] before the rows' completion
+    # tokens (N = completion_mask.sum(), row-major) and the LM-head weight [V, H], with gradient.
+    hidden: Optional[Tensor] = None
+    lm_head: Optional[Tensor] = None
 
 
 @dataclass
@@ -44,12 +52,14 @@ class LossTerm:
 
     `fn(rows, out)` returns (the term's loss over `rows`: a mean by its own denominator, stats as
     token means over `rows`). `per_token`: the denominator counts loss-mask tokens (dapo), else rows.
+    `needs_hidden`: the term reads `StudentOutputs.hidden` / `lm_head` (losses over the vocabulary).
     """
 
     name: str
     coef: float
     per_token: bool
     fn: Callable[[Tensor, StudentOutputs], tuple[Tensor, dict[str, Tensor]]]
+    needs_hidden: bool = False
 
 
 def row_chunks(n_rows: int, size: Optional[int]) -> list[Tensor]:
@@ -81,7 +91,8 @@ def term_denominator(term: LossTerm, loss_mask: Tensor, rows: Tensor) -> float:
 
 def run_update(engine, batch: RolloutBatch, terms: list[LossTerm], *, pad_id: int, temperature: float,
                ppo_epochs: int, num_minibatches: int, micro_batch_size: Optional[int], step: int,
-               filler: Optional[RolloutBatch] = None) -> tuple[int, dict[str, float]]:
+               filler: Optional[RolloutBatch] = None,
+               on_applied_step: Optional[Callable[[], None]] = None) -> tuple[int, dict[str, float]]:
     """Epochs x minibatches of `terms`, one optimizer step per minibatch. Returns (optimizer steps
     applied, metrics averaged over the minibatches that ran: `loss` = the weighted sum of the terms,
     then each term's stats).
@@ -89,6 +100,7 @@ def run_update(engine, batch: RolloutBatch, terms: list[LossTerm], *, pad_id: in
     The behaviour log-probs (`StudentOutputs.old_logp`) are the model's before the first step, computed
     once without gradients when the update takes more than one step; with a single step they are the
     detached current log-probs (ratio exactly 1). `filler`: one row for a rank without rows of its own.
+    `on_applied_step`: called on every rank after each optimizer step that was applied (the EMA teacher).
     """
     R = len(batch)
     filler = batch if R else filler
@@ -96,13 +108,14 @@ def run_update(engine, batch: RolloutBatch, terms: list[LossTerm], *, pad_id: in
         raise ValueError("run_update: this rank has no rows; pass `filler` (one row) so it can join the step")
     device = engine.device
     loss_mask = batch.loss_mask.to(device)
-    with_entropy = True
+    with_hidden = any(t.needs_hidden for t in terms)
 
-    def forward(rows: Tensor, grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(rows: Tensor, grad: bool) -> CompletionOutputs:
         r = rows.tolist()
         with torch.set_grad_enabled(grad):
-            return completion_logprobs(engine.model, [batch.prompt_ids[i] for i in r], batch.completion_ids[rows],
-                                       batch.completion_mask[rows], pad_id, temperature, with_entropy=grad and with_entropy)
+            return completion_outputs(engine.model, [batch.prompt_ids[i] for i in r], batch.completion_ids[rows],
+                                      batch.completion_mask[rows], pad_id, temperature, with_entropy=grad,
+                                      with_hidden=grad and with_hidden)
 
     old_logp = None
     if ppo_epochs > 1 or num_minibatches > 1:
@@ -123,23 +136,27 @@ def run_update(engine, batch: RolloutBatch, terms: list[LossTerm], *, pad_id: in
                     if micro.numel() == 0:
                         _zero_weight_pass(engine, filler, pad_id, temperature)
                         continue
-                    logp, entropy = forward(micro, grad=True)
-                    old = old_logp[micro] if old_logp is not None else logp.detach()
-                    out = StudentOutputs(logp=logp, entropy=entropy, old_logp=old)
-                    loss = logp.new_zeros(())
+                    co = forward(micro, grad=True)
+                    old = old_logp[micro] if old_logp is not None else co.logp.detach()
+                    out = StudentOutputs(logp=co.logp, entropy=co.entropy, old_logp=old, hidden=co.hidden, lm_head=co.lm_head)
+                    loss = co.logp.new_zeros(())
                     token_share = float((loss_mask[micro] != 0).sum()) / max(mb_tokens, 1.0)
                     for t in terms:
-                        if not totals[t.name] or not t.coef:
+                        if not totals[t.name]:
                             continue
                         value, term_stats = t.fn(micro, out)
                         share = term_denominator(t, loss_mask, micro) * engine.world_size / totals[t.name]
-                        loss = loss + (t.coef * share) * value
+                        if t.coef:
+                            loss = loss + (t.coef * share) * value
+                        stats[f"loss/{t.name}"] = stats.get(f"loss/{t.name}", 0.0) + float(value.detach()) * share
                         for k, v in term_stats.items():
                             stats[k] = stats.get(k, 0.0) + float(v) * token_share
                     engine.backward(loss)
                     loss_value += float(loss.detach())
             ok, grad_norm = engine.step(loss_value, step + applied)
             applied += int(ok)
+            if ok and on_applied_step is not None:
+                on_applied_step()
             if rows.numel():
                 count += 1
                 for k, v in {"loss": loss_value, **stats, "grad_norm": grad_norm}.items():
@@ -158,7 +175,7 @@ def _behaviour_logprobs(engine, batch: RolloutBatch, forward, filler: RolloutBat
             completion_logprobs(engine.model, filler.prompt_ids[:1], filler.completion_ids[:1], filler.completion_mask[:1],
                                 pad_id, temperature)  # joins the sharded forward's collectives
             continue
-        logp, _ = forward(micro, grad=False)
+        logp = forward(micro, grad=False).logp
         if out is None:
             out = torch.zeros(batch.completion_ids.shape, dtype=logp.dtype, device=logp.device)
         out[micro.to(logp.device)] = logp

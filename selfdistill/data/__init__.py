@@ -55,24 +55,30 @@ def drop_long_prompts(examples: list[Example], tokenizer, cfg: DataConfig, split
 _DEFAULT_DATA = DataConfig()
 
 
-def encode_prompt(tokenizer, example: Example, data: DataConfig = _DEFAULT_DATA) -> list[int]:
-    """Prompt token ids exactly as the policy sees them (SPEC section 1), per the data config:
-    `data.system_prompt` prepended when the row has no system message; with `data.chat_template`
-    (default) the tokenizer's chat template with the generation prompt and
-    `data.chat_template_kwargs`; without it the raw prompt, the messages' contents joined by a blank
-    line and tokenized as they are (special tokens the tokenizer adds, e.g. a BOS, included).
-    Without `data` the defaults apply (tests, tools); a run passes its `cfg.data`."""
+def chat_prompt_text(tokenizer, messages: list[dict], data: DataConfig = _DEFAULT_DATA) -> str:
+    """The prompt text of `messages` as the policy sees it, per the data config: `data.system_prompt`
+    prepended when they have no system message; with `data.chat_template` (default) the tokenizer's
+    chat template, ending in the assistant's generation prompt, with `data.chat_template_kwargs`;
+    without it the raw prompt, the messages' contents joined by a blank line. Without `data` the
+    defaults apply (tests, tools); a run passes its `cfg.data`."""
     if data is None or isinstance(data, str):  # the earlier signature took the system prompt here
-        raise TypeError(f"encode_prompt: the third argument is the run's data config (cfg.data), got "
-                        f"{type(data).__name__} {data!r}; the system prompt is cfg.data.system_prompt")
-    messages = list(example.prompt)
+        raise TypeError(f"the prompt encoders take the run's data config (cfg.data), got {type(data).__name__} "
+                        f"{data!r}; the system prompt is cfg.data.system_prompt")
+    messages = list(messages)
     if data.system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": data.system_prompt}] + messages
     if not data.chat_template:
-        return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+        return "\n\n".join(m["content"] for m in messages)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                          **dict(data.chat_template_kwargs))
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-__all__ = ["DataError", "Example", "drop_long_prompts", "encode_prompt", "load_splits"]
+def encode_prompt(tokenizer, example: Example, data: DataConfig = _DEFAULT_DATA) -> list[int]:
+    """Prompt token ids exactly as the policy sees them (SPEC section 1): `chat_prompt_text`
+    tokenized; a raw prompt with the special tokens the tokenizer adds (e.g. a BOS), a templated
+    one as the template wrote it."""
+    text = chat_prompt_text(tokenizer, example.prompt, data)
+    return tokenizer(text, add_special_tokens=not data.chat_template)["input_ids"]
+
+
+__all__ = ["DataError", "Example", "chat_prompt_text", "drop_long_prompts", "encode_prompt", "load_splits"]

@@ -48,6 +48,13 @@ class Example:
     # not run math-verify, or raise for a row without a decoy)
     decoy: Optional[str] = field(default=_LazyDecoy(), repr=False)
     solution: Optional[str] = None  # worked solution for SFT, when the data has one
+    demonstration: Optional[str] = None  # the row's `demonstration` field (SDFT's teacher context)
     extra: dict = field(default_factory=dict)
     decoy_seed: Optional[int] = field(default=None, compare=False, repr=False)  # None: `decoy` as given
     origin: Optional[str] = field(default=None, compare=False, repr=False)  # "file: row i", for errors
+
+    @property
+    def teacher_demonstration(self) -> Optional[str]:
+        """The demonstration SDFT's teacher reads (SPEC section 6): the row's `demonstration` field
+        when it has one, else its worked solution (verl `extra_info.solution`; the synthetic task's)."""
+        return self.demonstration if self.demonstration is not None else self.solution

@@ -4,6 +4,7 @@ One row:
     data_source: str                                    required
     prompt: [{"role": system|user|assistant, "content": str}, ...]   required, non-empty
     ability: str                                        optional, default "math"
+    demonstration: str                                  optional, SDFT's teacher context (else extra_info.solution)
     reward_model: {"ground_truth": str | int | float | decimal, ...}   required (other keys ignored)
     extra_info: {"id": str | int,                       the row id, unique within the file;
                  "index": int | str,                    verl's preprocess scripts write this instead:
@@ -227,14 +228,15 @@ def _example(raw: Any, row: _Row, decoy_seed: int) -> Example:
     domain = _optional_str(info.get("domain"), "extra_info.domain", row, "unknown")
     difficulty = _difficulty(info.get("difficulty"), row)
     solution = _optional_str(info.get("solution"), "extra_info.solution", row, None)
+    demonstration = _optional_str(raw.get("demonstration"), "demonstration", row, None)
     # Parquet structs give every row every key (null where absent): drop nulls so JSONL and
     # parquet load to the same Example. verl's `index` is the id when there is no `id`.
     skip = _EXTRA_INFO_FIELDS + (("index",) if info.get("id") is None else ())
     extra = {k: v for k, v in info.items() if k not in skip and v is not None}
     _check_finite(extra, "extra_info", row)
     return Example(id=ex_id, prompt=prompt, gold=gold, data_source=data_source, ability=ability,
-                   domain=domain, difficulty=difficulty, solution=solution, extra=extra,
-                   decoy_seed=decoy_seed, origin=row.where())
+                   domain=domain, difficulty=difficulty, solution=solution, demonstration=demonstration,
+                   extra=extra, decoy_seed=decoy_seed, origin=row.where())
 
 
 def load_examples(path: str | os.PathLike, decoy_seed: int = 42) -> list[Example]:
@@ -286,6 +288,9 @@ def save_examples(examples: list[Example], path: str | os.PathLike) -> None:
     path = Path(path)
     fmt = _format_of(path)
     rows = [_to_row(ex) for ex in examples]
+    if any(ex.demonstration is not None for ex in examples):  # a column for every row (parquet takes the first row's keys)
+        for row, ex in zip(rows, examples):
+            row["demonstration"] = ex.demonstration
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
         with open(path, "w", encoding="utf-8") as f:

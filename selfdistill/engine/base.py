@@ -11,6 +11,7 @@ ZeRO-2/3 (`deepspeed.py`) subclass it. The trainer only ever talks to this inter
     load_model_weights(ckpt)        HF checkpoint weights into the (possibly sharded) model
     optimizer_state_dict() / save_sharded_state(dir) / load_optimizer_state_dict(state)
     frozen_copy()                   an unsharded, frozen copy of the policy (reference / scorer)
+    full_parameters()               every parameter's full value on every rank (the EMA teacher's blend)
 
 The optimizer step is guarded (SPEC section 4, issue 6/7): loss and gradients are checked for
 finiteness on every rank, the verdict is agreed across ranks before anything is applied, and a
@@ -249,6 +250,12 @@ class Engine:
         consolidated weights; `engine.shard_reference` then keeps only a slice of it per rank
         between scoring phases (selfdistill.engine.reference)."""
         return copy.deepcopy(self.unwrapped()).eval().requires_grad_(False)
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """{name: the parameter's full value} on every rank, detached; what the EMA self-teacher blends
+        in after each applied step (SPEC section 6). Here the parameters themselves (no copy);
+        sharded engines gather them (a collective every rank enters)."""
+        return {n: p.detach() for n, p in self.unwrapped().named_parameters()}
 
     # -- helpers for the sharded engines -------------------------------------------------------
     def _prepare(self, model) -> None:

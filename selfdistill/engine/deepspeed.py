@@ -73,8 +73,8 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def _first_training_stage(cfg: Config) -> StageOptimConfig:
-    name = next((s for s in cfg.trainer.stages if s in ("sft", "grpo")), "sft")
-    return cfg.sft if name == "sft" else cfg.grpo
+    name = next((s for s in cfg.trainer.stages if s in ("sft", "grpo", "sdpo", "sdft")), "sft")
+    return getattr(cfg, name)
 
 
 class DeepSpeedEngine(Engine):
@@ -291,8 +291,12 @@ class DeepSpeedEngine(Engine):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def frozen_copy(self):
-        state = {name: self._full_fp32(p).to(self._model_dtype) for name, p in self.unwrapped().named_parameters()}
+        state = {name: full.to(self._model_dtype) for name, full in self.full_parameters().items()}
         return self._materialize(state)
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        # The fp32 master copies (one gather per parameter under ZeRO-2 and ZeRO-3 alike).
+        return {name: self._full_fp32(p) for name, p in self.unwrapped().named_parameters()}
 
     def _keep_output_embedding_gathered(self) -> None:
         """`completion_logprobs` reads the LM-head weight after the model's forward and backward

@@ -157,10 +157,14 @@ class FSDP2Engine(Engine):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def frozen_copy(self):
+        # FSDP modules cannot be deep-copied: every rank gathers the full weights into a plain model.
+        return self._materialize(self.full_parameters())
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        # FSDP modules cannot be deep-copied: every rank gathers the full weights into a plain model.
-        return self._materialize(get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True)))
+        # The sharded parameters are the fp32 masters (mixed precision casts only what is gathered for compute).
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
 
 
 def decoder_layers(model) -> list:

@@ -7,6 +7,9 @@ together), run their passes on a plain model, and free the gathered copy on exit
 mirrors the policy's gather for generation: reference memory outside those phases drops from one
 full copy to 1/world_size of one, while inside them a full copy is resident transiently. The
 passes themselves need no collectives, so ranks may run different numbers of them.
+
+The EMA self-teacher (SPEC section 6) is such a copy too, moved towards the student after every
+applied optimizer step by `ema_update_` (each rank blends what it holds: all of it, or its slice).
 """
 
 from __future__ import annotations
@@ -27,13 +30,19 @@ class ReplicatedReference:
     def gathered(self):
         yield self.model
 
+    @torch.no_grad()
+    def ema_update_(self, student: dict[str, torch.Tensor], tau: float) -> None:
+        """theta <- (1 - tau) theta + tau theta_student, `student` = full parameters by name."""
+        for name, p in self.model.named_parameters():
+            p.lerp_(student[name].to(p.device, p.dtype), tau)
+
 
 class ShardedReference:
     """Each rank keeps a 1/world_size slice of every parameter; `gathered()` rebuilds the model."""
 
     def __init__(self, model, rank: int, world_size: int):
         # Tied weights (embedding = LM head) are one parameter: named_parameters lists it once.
-        self.model, self.world_size = model, world_size
+        self.model, self.rank, self.world_size = model, rank, world_size
         self._shards: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, torch.Size] = {}
         for name, p in model.named_parameters():
@@ -59,6 +68,15 @@ class ShardedReference:
         finally:
             for p in self.model.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    @torch.no_grad()
+    def ema_update_(self, student: dict[str, torch.Tensor], tau: float) -> None:
+        """theta <- (1 - tau) theta + tau theta_student on this rank's slices (no collective)."""
+        for name, shard in self._shards.items():
+            flat = student[name].reshape(-1).to(shard.device, shard.dtype)
+            start = self.rank * shard.numel()
+            piece = flat[start: start + shard.numel()]
+            shard[: piece.numel()].lerp_(piece, tau)  # the zero padding past the end stays zero
 
     def local_numel(self) -> int:
         """Elements this rank holds at rest (its shards)."""

@@ -7,13 +7,18 @@ imported; slow, for tests). `cuda` is the csrc extension (selfdistill.ops.cuda_e
 use; a CPU path too); it provides every op but the top-K distillation (NotImplementedError naming
 ops.backend=triton or torch).
 The torch references are importable here under the same names as in `selfdistill.kernels`.
+`call_counts()` says which backend's implementation of each op ran (`selfdistill.ops.calls`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 from torch import Tensor
 
 from selfdistill.ops import reference
+from selfdistill.ops.calls import call_counts, record, reset_call_counts  # noqa: F401  (call_counts, reset: public API)
 from selfdistill.ops.reference import (  # noqa: F401  (public API: the torch references)
     clipped_mean_min,
     fused_linear_token_logprobs,
@@ -30,6 +35,8 @@ from selfdistill.ops.reference import (  # noqa: F401  (public API: the torch re
 
 _BACKEND = "auto"
 _VALID = ("auto", "torch", "triton", "cuda")
+log = logging.getLogger(__name__)
+_AUTO_LOGGED: set[str] = set()  # device types whose `auto` resolution has been logged
 
 
 def set_backend(name: str) -> None:
@@ -37,6 +44,8 @@ def set_backend(name: str) -> None:
     if name not in _VALID:
         raise ValueError(f"ops.backend={name!r} is not valid; choose one of {', '.join(_VALID)}")
     _BACKEND = name
+    _triton_unusable.cache_clear()
+    _AUTO_LOGGED.clear()
 
 
 def get_backend() -> str:
@@ -44,37 +53,56 @@ def get_backend() -> str:
 
 
 def resolve(device_type: str) -> str:
-    """The implementation `auto` resolves to for tensors on `device_type`."""
+    """The implementation `auto` resolves to for tensors on `device_type`; logged once per device
+    type (a warning when CUDA tensors fall back to torch, naming why)."""
     if _BACKEND != "auto":
         return _BACKEND
-    return "triton" if device_type == "cuda" and _triton_compiles() else "torch"
+    unusable = _triton_unusable() if device_type == "cuda" else None
+    backend = "triton" if device_type == "cuda" and unusable is None else "torch"
+    if device_type not in _AUTO_LOGGED:
+        _AUTO_LOGGED.add(device_type)
+        if unusable is not None:
+            log.warning("ops.backend=auto resolved to torch for cuda tensors: %s. The fused kernels are not used; "
+                        "set ops.backend=cuda for the csrc extension's", unusable)
+        else:
+            log.info("ops.backend=auto resolved to %s for %s tensors", backend, device_type)
+    return backend
 
 
-def _triton_compiles() -> bool:
-    """Triton importable and not in interpreter mode (the interpreter cannot take CUDA tensors)."""
+@functools.lru_cache(maxsize=None)
+def _triton_unusable() -> str | None:
+    """Why the Triton kernels cannot run on CUDA tensors in this process (not importable, or the
+    interpreter, which takes CPU tensors only), or None; probed once per `set_backend`."""
     try:
         import selfdistill.kernels as kernels
-    except ImportError:
-        return False
-    return not kernels.INTERPRETED
+    except ImportError as e:
+        return f"selfdistill.kernels is not importable ({type(e).__name__}: {e})"
+    return "TRITON_INTERPRET=1 was set when selfdistill.kernels was imported" if kernels.INTERPRETED else None
 
 
 def _impl(name: str, device_type: str):
-    if resolve(device_type) == "cuda":  # the csrc extension (CPU path too, for tests)
+    backend = resolve(device_type)
+    if backend == "cuda":  # the csrc extension (CPU path too, for tests)
         from selfdistill.ops import cuda_ext
 
         if name in cuda_ext.PROVIDED:
             return getattr(cuda_ext, name)
         raise NotImplementedError(f"ops.backend=cuda: the csrc extension has no {name!r} yet "
                                   f"(it provides {', '.join(cuda_ext.PROVIDED)}); use ops.backend=triton or torch")
-    if resolve(device_type) == "triton":
+    if backend == "triton":
         import selfdistill.kernels as kernels
 
         fn = getattr(kernels, name, None)
         if fn is not None:
             return fn
         raise NotImplementedError(f"ops.backend=triton has no kernel for {name!r} yet; use ops.backend=torch")
-    return getattr(reference, name)
+    reference_fn = getattr(reference, name)
+
+    def torch_reference(*args, **kwargs):
+        record(name, "torch")
+        return reference_fn(*args, **kwargs)
+
+    return torch_reference
 
 
 def sequence_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:

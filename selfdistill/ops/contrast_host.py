@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from selfdistill.ops.calls import backend_of, record
 from selfdistill.ops.logprob_host import unit_column_stride
 from selfdistill.ops.reference import contrast_position_kinds, masked_finite_sum
 
@@ -75,6 +76,7 @@ def gold_decoy_contrast(
     `selfdistill.ops.reference.gold_decoy_contrast`, differentiable w.r.t. the logits."""
     check_contrast_inputs(gold_logits, decoy_logits, gold_ids, decoy_ids, divergent, temperature)
     kinds = contrast_position_kinds(divergent, decoy_logits is not None).to(torch.int8).contiguous()
+    record("gold_decoy_contrast", backend_of(launchers))
     contrast = _ContrastFunction.apply(
         launchers, unit_column_stride(gold_logits), None if decoy_logits is None else unit_column_stride(decoy_logits), gold_ids.long().contiguous(),
         decoy_ids.long().contiguous(), kinds, float(temperature),
@@ -114,4 +116,5 @@ def clipped_mean_min(forward_fn: RowReduction, values: Tensor, mask: Tensor, cli
     `forward_fn`; NaN for an empty row or a non-finite x. Differentiable w.r.t. `values`."""
     if values.dim() != 2 or mask.shape != values.shape:
         raise ValueError(f"clipped_mean_min expects values and mask [R, K]; got {tuple(values.shape)} and {tuple(mask.shape)}")
+    record("clipped_mean_min", backend_of(forward_fn))
     return _ClippedMeanMinFunction.apply(forward_fn, values, mask, float(clip), float(min_weight))

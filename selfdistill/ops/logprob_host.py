@@ -34,6 +34,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from selfdistill.ops.calls import backend_of, record
+
 _FP32_ACCUMULATING_ADDMM: bool | None = None  # whether torch.addmm(..., out_dtype=float32) works here
 
 
@@ -173,6 +175,7 @@ def token_logprobs(launchers: TokenLogprobLaunchers, logits: Tensor, targets: Te
         raise ValueError(f"token_logprobs expects logits [N, V] and targets [N]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature!r}")
+    record("token_logprobs", backend_of(launchers))
     return _TokenLogprobsFunction.apply(launchers, unit_column_stride(logits), targets.long().contiguous(), float(temperature))
 
 
@@ -212,5 +215,6 @@ def fused_linear_token_logprobs(launchers: TokenLogprobLaunchers, hidden: Tensor
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
+    record("fused_linear_token_logprobs", backend_of(launchers))
     return _FusedLinearFunction.apply(launchers, hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
                                       float(temperature), int(chunk_rows))

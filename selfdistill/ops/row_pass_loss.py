@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from selfdistill.ops.calls import backend_of, record
+
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 TOKEN_WEIGHTINGS = ("uniform", "ramp")
@@ -96,6 +98,7 @@ def fused_policy_loss(
         loss_type=loss_type, clip_low=float(clip_low), clip_high=float(clip_high), dual_clip=dual_clip, kl_coef=float(kl_coef),
         kl_estimator=kl_estimator, entropy_coef=float(entropy_coef), token_weighting=token_weighting, max_len_norm=max_len_norm,
     )
+    record("policy_loss", backend_of(row_pass))
     loss, stats = RowPassPolicyLoss.apply(logp, entropy, old_logp, advantages, loss_mask, lengths, ref_logp, row_pass, options)
     out = {"clip_ratio/low_mean": stats[0], "clip_ratio/high_mean": stats[1], "ratio_mean": stats[2]}
     if ref_logp is not None:

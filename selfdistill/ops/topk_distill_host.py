@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from selfdistill.ops.calls import backend_of, record
 from selfdistill.ops import logprob_host
 from selfdistill.ops.logprob_host import unit_column_stride
 from selfdistill.ops.reference import check_fused_linear_topk, check_topk_distill_args, check_topk_logits
@@ -84,6 +85,7 @@ def topk_distill(launchers: TopKDistillLaunchers, logits: Tensor, teacher_logits
     check_topk_distill_args("topk_distill", logits.shape[1], k, temperature, alpha, chunk_rows=1)
     if logits.shape[0] == 0:
         return logits.new_zeros(0, dtype=torch.float32)
+    record("topk_distill", backend_of(launchers))
     return _TopKDistillFunction.apply(launchers, unit_column_stride(logits), unit_column_stride(teacher_logits.detach()),
                                       float(temperature), int(k), bool(tail), float(alpha))
 
@@ -138,6 +140,7 @@ def fused_linear_topk_distill(launchers: TopKDistillLaunchers, hidden: Tensor, w
     check_topk_distill_args("fused_linear_topk_distill", weight.shape[0], k, temperature, alpha, chunk_rows)
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    record("fused_linear_topk_distill", backend_of(launchers))
     return _FusedLinearTopKDistillFunction.apply(
         launchers, hidden.contiguous(), weight.contiguous(), teacher_hidden.detach().contiguous(),
         teacher_weight.detach().contiguous(), float(temperature), int(k), bool(tail), float(alpha), int(chunk_rows),

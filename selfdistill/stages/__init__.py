@@ -8,9 +8,9 @@ lifecycle around them (build, resume, run in order, save).
 from __future__ import annotations
 
 from selfdistill.stages import eval as eval_stage
-from selfdistill.stages import grpo, sft
+from selfdistill.stages import grpo, sdft, sdpo, sft
 from selfdistill.stages.context import StageContext, TrainState
 
-STAGES = {"sft": sft.run, "grpo": grpo.run, "eval": eval_stage.run}
+STAGES = {"sft": sft.run, "grpo": grpo.run, "sdpo": sdpo.run, "sdft": sdft.run, "eval": eval_stage.run}
 
 __all__ = ["STAGES", "StageContext", "TrainState"]

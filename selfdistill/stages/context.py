@@ -1,6 +1,6 @@
 """What every stage shares: the built run (engine, model, tokenizer, data, sampler, grader, rollout
 backend, metrics) and its resumable state, plus the few services a stage loop calls (optimizer per
-stage, progress bar, per-step logging and checkpointing, the frozen reference).
+stage, progress bar, per-step logging and checkpointing, the frozen reference, the self-teacher).
 
 Everything a step depends on lives in `TrainState`, the engine's optimizer/scheduler, the sampler
 and the RNGs, and all of it is checkpointed (`save` / `restore`), so a killed run resumes exactly.
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm.auto import tqdm
 
 from selfdistill import checkpoint as ckpt
+from selfdistill.algo.teacher import SelfTeacher, load_teacher_weights
 from selfdistill.config import Config
 from selfdistill.engine.reference import build_reference
 
@@ -52,6 +53,8 @@ class StageContext:
     state: TrainState = field(default_factory=TrainState)
     held_in: list = field(default_factory=list)  # validation rows training never samples (selfdistill.eval)
     pending_optim: dict | None = None  # optimizer state restored from a checkpoint, applied by the stage
+    resumed_from: str | None = None  # the checkpoint this run resumed from
+    teacher: SelfTeacher | None = None  # the running stage's self-teacher (SDPO / SDFT)
     last_validation_step: int | None = None  # global step of the latest held-in evaluation
     _reference: object = None
 
@@ -124,9 +127,29 @@ class StageContext:
         return self._reference
 
     def release_reference(self) -> None:
-        """Forget the reference at the end of a stage (the next training stage pins its own)."""
+        """Forget the reference and the self-teacher at the end of a stage (the next training stage
+        pins its own)."""
         self.state.reference = None
         self._reference = None
+        self.teacher = None
+
+    # -- the self-teacher (SPEC section 6) -----------------------------------------------------
+    def build_teacher(self, mode: str) -> SelfTeacher:
+        """The stage's self-teacher (`algo.distill.teacher`): `frozen` = the pinned reference; `ema` =
+        a copy of the stage-start weights, or on resume mid-stage the copy the checkpoint holds;
+        `live` = the policy. Checkpoints written while it is set carry an EMA teacher's weights."""
+        if mode == "frozen":
+            self.pin_reference()
+            self.teacher = SelfTeacher("frozen", weights=self.reference())
+        elif mode == "ema":
+            copy = self.engine.frozen_copy()  # at the stage's first step: the weights it starts from
+            if self.state.step > 0:
+                load_teacher_weights(copy, ckpt.read_extra_weights(self.resumed_from, "teacher"))
+            self.teacher = SelfTeacher("ema", weights=build_reference(copy, self.cfg, self.engine.rank, self.engine.world_size),
+                                       tau=self.cfg.algo.distill.ema_tau, full_parameters=self.engine.full_parameters)
+        else:
+            self.teacher = SelfTeacher(mode, live=self.policy_for_generation)
+        return self.teacher
 
     def policy_for_generation(self):
         """(context, the unwrapped policy on full parameters) for passes outside the update."""
@@ -141,11 +164,14 @@ class StageContext:
         st.grader = self.engine.reduce_sum(self.grader.metrics())
         name = ckpt.checkpoint_name(self.stage, st.global_step)
         protect = (os.path.basename(st.reference),) if st.reference else ()
+        teacher = self.teacher.checkpoint_weights(keep=self.engine.is_main) if self.teacher is not None else None
         return ckpt.save_checkpoint(self.run_dir, name, engine=self.engine, tokenizer=self.tokenizer,
-                                    trainer_state={"state": asdict(st)}, keep_last=self.cfg.trainer.keep_last, protect=protect)
+                                    trainer_state={"state": asdict(st)}, keep_last=self.cfg.trainer.keep_last, protect=protect,
+                                    extra_weights={"teacher": teacher} if teacher is not None else None)
 
     def restore(self, path: str) -> None:
         saved = ckpt.load_trainer_state(path)
+        self.resumed_from = path
         self.engine.load_model_weights(path)  # into the (possibly sharded) model; sharded optimizer state follows
         self.state = TrainState(**saved["state"])
         self.sampler.load_state_dict(self.state.sampler)

@@ -108,21 +108,24 @@ def collect_rollouts(ctx: StageContext, num_prompts: int) -> Rollouts:
 
 
 def update_policy(ctx: StageContext, ro: Rollouts, extra_terms: tuple[LossTerm, ...] = (),
-                  policy_coef: float = 1.0) -> tuple[int, dict[str, float]]:
-    """The clipped policy update on the rows zero-std filtering keeps (plus `extra_terms`).
-    Returns (optimizer steps applied, metrics); (0, {}) when no rank has a row left."""
+                  policy_coef: float = 1.0, on_applied_step=None) -> tuple[int, dict[str, float]]:
+    """The clipped policy update on the rows zero-std filtering keeps (plus `extra_terms`, whose rows
+    are those kept rows in order: `ro.advantages.keep`), in micro-batches of the running stage's
+    `micro_batch_size`. Returns (optimizer steps applied, metrics); (0, {}) when no rank has a row left."""
     cfg, engine = ctx.cfg, ctx.engine
     pad = ctx.tokenizer.pad_token_id
+    micro = getattr(cfg, ctx.stage).micro_batch_size  # grpo's, or sdpo's when SDPO runs this update
     sub, token_adv = grpo.select_rows(ro.batch, ro.advantages.tokens, ro.advantages.keep)
     if not engine.reduce_sum({"rows": len(sub)})["rows"]:  # every rank decides alike
         return 0, {}
     ref_logp = None
     if cfg.algo.kl_coef > 0:
         with ctx.reference().gathered() as ref:
-            ref_logp = grpo.reference_logprobs(ref, sub, pad, cfg.rollout.temperature, cfg.grpo.micro_batch_size)
+            ref_logp = grpo.reference_logprobs(ref, sub, pad, cfg.rollout.temperature, micro)
     filler = None if len(sub) else grpo.select_rows(ro.batch, ro.advantages.tokens, torch.arange(len(ro.batch)) == 0)[0]
     return grpo.policy_update(engine, sub, token_adv, pad, cfg, ctx.state.meta_steps, ref_logp, filler,
-                              extra_terms=extra_terms, policy_coef=policy_coef)
+                              extra_terms=extra_terms, policy_coef=policy_coef, micro_batch_size=micro,
+                              on_applied_step=on_applied_step)
 
 
 def step_record(ctx: StageContext, ro: Rollouts, upd: dict[str, float], t0: float) -> dict:
