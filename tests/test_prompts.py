@@ -117,3 +117,17 @@ def test_every_stage_encodes_prompts_with_the_run_data_config(tmp_path, monkeypa
     trainer.run()
     assert len(seen["sft"]) == cfg.sft.batch_size and len(seen["generate"]) == cfg.grpo.batch_size * cfg.rollout.n + 4
     assert all(tuple(p) in raw for p in seen["sft"] + seen["generate"])
+
+
+def test_teacher_prompts_follow_the_same_data_config(chatml_tok):
+    """SDPO/SDFT teacher prompts go through the same encoder: template kwargs and raw mode reach them."""
+    from selfdistill.algo.teacher_context import teacher_prompt_ids
+    from selfdistill.config import SDPO_TEMPLATE
+
+    ex, demo = _ex("7-3*(2-5)"), chatml_tok("7--9=16. \\boxed{16}", add_special_tokens=False)["input_ids"]
+    off = DataConfig(chat_template_kwargs={"enable_thinking": False})
+    text = chatml_tok.decode(teacher_prompt_ids(chatml_tok, ex, SDPO_TEMPLATE, demo, data=off))
+    assert text.startswith("<|im_start|>user\n7-3*(2-5)\n\nCorrect solution:\n\n7--9=16. \\boxed{16}")
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    raw = chatml_tok.decode(teacher_prompt_ids(chatml_tok, ex, SDPO_TEMPLATE, demo, data=DataConfig(chat_template=False)))
+    assert raw == SDPO_TEMPLATE.format(prompt="7-3*(2-5)", demonstration="7--9=16. \\boxed{16}")
