@@ -131,3 +131,16 @@ def test_teacher_prompts_follow_the_same_data_config(chatml_tok):
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     raw = chatml_tok.decode(teacher_prompt_ids(chatml_tok, ex, SDPO_TEMPLATE, demo, data=DataConfig(chat_template=False)))
     assert raw == SDPO_TEMPLATE.format(prompt="7-3*(2-5)", demonstration="7--9=16. \\boxed{16}")
+
+
+def test_max_prompt_tokens_filters_a_held_in_file_too(tmp_path):
+    from selfdistill.data.loading import save_examples
+    from selfdistill.trainer import Trainer
+
+    short, long = _ex("xyz"), _ex("xyzxyzxyzxyz")  # 11 and 20 prompt tokens in the char template (not in train)
+    for ex in (short, long):
+        ex.data_source = "val"
+    save_examples([short, long], tmp_path / "val.jsonl")
+    cfg = compose_config(["experiment=demo", *TINY_RUN, f"data.val_path={tmp_path / 'val.jsonl'}", "data.max_prompt_tokens=19"])
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    assert [ex.id for ex in trainer.ctx.held_in] == [short.id]
