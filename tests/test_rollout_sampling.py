@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from selfdistill.rollout.sampling import _mul32, counter_uniform, fmix32, sample_tokens, top_p_keep
+from selfdistill.rollout.sampling import MIX_C1, MIX_C2, SPREAD, _mul32, counter_uniform, mix32, sample_tokens, top_p_keep
 
 
-def _fmix32_reference(x: int) -> int:
+def _mix32_reference(x: int) -> int:
     x ^= x >> 16
-    x = (x * 0x85EBCA6B) % 2**32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) % 2**32
+    x = (x * MIX_C1) % 2**32
+    x ^= x >> 15
+    x = (x * MIX_C2) % 2**32
     return x ^ (x >> 16)
 
 
@@ -31,9 +31,10 @@ def test_hash_matches_big_integer_arithmetic():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 2**32, (4096,), generator=g, dtype=torch.int64)
     x[:3] = torch.tensor([0, 1, 2**32 - 1])
-    for c in (0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9, 0xFFFFFFFF):
+    for c in (MIX_C1, MIX_C2, SPREAD, 2**31 - 1):
         assert _mul32(x, c).tolist() == [(int(v) * c) % 2**32 for v in x]
-    assert fmix32(x).tolist() == [_fmix32_reference(int(v)) for v in x]
+    assert mix32(x).tolist() == [_mix32_reference(int(v)) for v in x]
+    assert len(set(mix32(torch.arange(1 << 16)).tolist())) == 1 << 16  # a bijection: no collisions
 
 
 def test_uniforms_are_keyed_by_seed_step_and_index_only():

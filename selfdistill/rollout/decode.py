@@ -107,11 +107,12 @@ def decode(model, prefixes: list[list[int]], seeds: Tensor, params: SamplingPara
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     out = torch.full((R, T), pad_id, dtype=torch.long, device=device)
     step = compiled_step.compiled_decode_step(model) if options.compiled else compiled_step.decode_step
+    sampler = compiled_step.compiled_sampler() if options.compiled else sample_tokens
     packed = options.compiled and compiled_step.uses_packed_attention(model)
     t = 0
     with compiled_step.packed_attention(model) if packed else contextlib.nullcontext():
         while True:
-            tokens = _sample(logits, batch, t, params)
+            tokens = _sample(sampler, logits, batch, t, params)
             tokens = torch.where(batch.live, tokens, pad_id)
             out[batch.rows, t] = tokens
             batch.live &= ~torch.isin(tokens, stops)
@@ -147,10 +148,11 @@ def _prefill(model, prefixes: list[list[int]], pad_id: int, device) -> tuple[Ten
     return out.logits[:, -1], cache, attn
 
 
-def _sample(logits: Tensor, batch: _Batch, t: int, params: SamplingParams) -> Tensor:
+def _sample(sampler, logits: Tensor, batch: _Batch, t: int, params: SamplingParams) -> Tensor:
     if batch.banned is not None:
         logits = logits.masked_fill(batch.banned, float("-inf"))
-    return sample_tokens(logits, batch.seeds, t, temperature=params.temperature, top_p=params.top_p, greedy=params.greedy)
+    step = torch.tensor(t, dtype=torch.long, device=logits.device)  # a tensor: one compiled sampler for every step
+    return sampler(logits, batch.seeds, step, temperature=params.temperature, top_p=params.top_p, greedy=params.greedy)
 
 
 def _compact(batch: _Batch, tokens: Tensor, cache: RowKVCache, compiled: bool) -> tuple[_Batch, Tensor]:

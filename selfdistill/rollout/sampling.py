@@ -8,12 +8,13 @@ order, the rank, or the global RNG (what makes 1-rank and N-rank GRPO sample the
 and a resumed run exact), and the whole [rows, vocab] noise is one batch of elementwise integer
 ops (no Python loop per row, no per-row torch.Generator).
 
-The hash works on 32-bit words held in int64 tensors, with multiplications split into 16-bit
-limbs so that no intermediate leaves int64's range (signed overflow is undefined in C++, and the
-CPU kernels, Triton and inductor all compile such code): two rounds of MurmurHash3's 32-bit
-finalizer (`fmix32`, a bijection with full avalanche), keyed by two words derived from (seed, t).
-The top 24 bits give u = (h + 0.5) / 2^24 in (0, 1), exactly representable in fp32, and
-g = -log(-log(u)).
+The hash works on 32-bit words held in int64 tensors: two rounds of a xorshift-multiply mixer (the
+form of MurmurHash3's finalizer, here with 31-bit odd multipliers so that every product of a
+32-bit word stays below 2^63: exact in int64, no reliance on overflow, which is undefined in C++
+and so in the CPU kernels, Triton and inductor code that run it), keyed by two words derived from
+(seed, t). The top 24 bits give u = (h + 0.5) / 2^24 in (0, 1), exactly representable in fp32,
+and g = -log(-log(u)). On a CPU the noise costs ~30 elementwise passes over [rows, vocab]: noise
+for a 152k vocabulary is slow there (the compiled decode step fuses it into one kernel).
 """
 
 from __future__ import annotations
@@ -22,33 +23,34 @@ import torch
 from torch import Tensor
 
 MASK32 = 0xFFFFFFFF
-GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive vocabulary indices
-FMIX_C1, FMIX_C2 = 0x85EBCA6B, 0xC2B2AE35  # MurmurHash3 fmix32 multipliers
-KEY_C1, KEY_C2 = 0x27D4EB2F, 0x165667B1  # xxHash32 primes: separate the two key words
+SPREAD = 0x61C88647  # 2^32 minus 2^32/golden ratio (Fibonacci hashing): spreads consecutive counters
+MIX_C1, MIX_C2 = 0x7FEB352D, 0x21F0AAAD  # odd multipliers of the xorshift-multiply mixer
+KEY_C1, KEY_C2 = 0x27D4EB2F, 0x165667B1  # separate the step and the two key words
+# Every multiplier is below 2^31, so a 32-bit word times one stays below 2^63.
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32) and a 32-bit constant c, without leaving int64's range."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return ((((x * hi) & 0xFFFF) << 16) + x * lo) & MASK32
+    """(x * c) mod 2^32 for x in [0, 2^32) and c < 2^31, exact in int64."""
+    return (x * c) & MASK32
 
 
-def fmix32(x: Tensor) -> Tensor:
-    """MurmurHash3's 32-bit finalizer on int64 tensors holding values in [0, 2^32)."""
+def mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit mixer (xorshift-multiply, full avalanche) on int64 tensors holding values
+    in [0, 2^32)."""
     x = x ^ (x >> 16)
-    x = _mul32(x, FMIX_C1)
-    x = x ^ (x >> 13)
-    x = _mul32(x, FMIX_C2)
+    x = _mul32(x, MIX_C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX_C2)
     return x ^ (x >> 16)
 
 
 def row_keys(seeds: Tensor, step: int | Tensor) -> tuple[Tensor, Tensor]:
-    """Two 32-bit key words per row from its 63-bit seed and the decode step."""
+    """Two 32-bit key words per row from its 63-bit seed and the decode step (< 2^31)."""
     seeds = seeds.to(torch.int64)
-    lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
-    t = fmix32(_mul32(torch.as_tensor(step, dtype=torch.int64, device=seeds.device) & MASK32, GOLDEN) ^ KEY_C1)
-    k1 = fmix32(lo ^ t)
-    k2 = fmix32(hi ^ _mul32(k1 ^ KEY_C2, GOLDEN))
+    step = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
+    t = mix32(_mul32(step, SPREAD) ^ KEY_C1)
+    k1 = mix32((seeds & MASK32) ^ t)
+    k2 = mix32(((seeds >> 32) & MASK32) ^ mix32(k1 ^ KEY_C2))
     return k1, k2
 
 
@@ -56,8 +58,8 @@ def counter_uniform(seeds: Tensor, step: int | Tensor, vocab_size: int) -> Tenso
     """u [R, V] fp32 in (0, 1): a hash of (seeds[r], step, v), the same for a row in any batch."""
     k1, k2 = row_keys(seeds, step)
     v = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
-    h = fmix32((_mul32(v, GOLDEN)[None, :] + k1[:, None]) & MASK32)
-    h = fmix32(h ^ k2[:, None])
+    h = mix32((_mul32(v, SPREAD)[None, :] + k1[:, None]) & MASK32)
+    h = mix32(h ^ k2[:, None])
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
