@@ -22,6 +22,15 @@ A, B, P = MetaMode.ALLOW, MetaMode.BAN, MetaMode.PLACEBO
 QUESTIONS = ("1+2", "17*3+5", "9", "100-7*2", "3*(4+5)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from more threads, and spin-waiting ones slow a shared CPU down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny random model with large weights (std 0.3): varied greedy outputs, frequent EOS."""

@@ -77,10 +77,10 @@ class _Batch:
 
 @torch.no_grad()
 def decode(model, prefixes: list[list[int]], seeds: Tensor, params: SamplingParams, *, stop_ids: list[int], pad_id: int,
-           banned: Tensor | None = None, options: DecodeOptions = DecodeOptions()) -> Tensor:
+           ban_rows: Tensor | None = None, ban_ids: list[int] = (), options: DecodeOptions = DecodeOptions()) -> Tensor:
     """Generated token ids [R, max_new_tokens] (CPU): each row's sampled tokens up to and including
     its first stop id, `pad_id` after. `seeds` [R] int64 keys each row's random stream (unused
-    when greedy); `banned` [R, V] bool marks tokens a row may not sample (meta `ban` mode)."""
+    when greedy); rows where `ban_rows` [R] is set never sample `ban_ids` (meta `ban` mode)."""
     device = next(model.parameters()).device
     R, T = len(prefixes), params.max_new_tokens
     if R == 0:  # a rank with no rows in this call still joins its peers' forwards
@@ -100,7 +100,7 @@ def decode(model, prefixes: list[list[int]], seeds: Tensor, params: SamplingPara
     del prefill
     batch = _Batch(rows=torch.arange(R, device=device), live=torch.ones(R, dtype=torch.bool, device=device),
                    positions=attn.sum(1).index_select(0, source), seeds=seeds.to(device=device, dtype=torch.long),
-                   banned=banned.to(device) if banned is not None and bool(banned.any()) else None,
+                   banned=_banned(ban_rows, ban_ids, logits.shape[-1], device),
                    mask=torch.zeros((R, capacity), dtype=torch.long, device=device))
     batch.mask[:, :P] = attn.index_select(0, source)
     logits = logits.index_select(0, source)
@@ -146,6 +146,15 @@ def _prefill(model, prefixes: list[list[int]], pad_id: int, device) -> tuple[Ten
     out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0), cache=cache,
                 use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], cache, attn
+
+
+def _banned(ban_rows: Tensor | None, ban_ids, vocab_size: int, device) -> Tensor | None:
+    """[R, V] bool: `ban_ids` on the `ban_rows`; None when no row bans."""
+    if ban_rows is None or not bool(ban_rows.any()) or not len(ban_ids):
+        return None
+    banned = torch.zeros((len(ban_rows), vocab_size), dtype=torch.bool, device=device)
+    banned[ban_rows.to(device).nonzero(as_tuple=True)[0][:, None], torch.tensor(list(ban_ids), device=device)] = True
+    return banned
 
 
 def _sample(sampler, logits: Tensor, batch: _Batch, t: int, params: SamplingParams) -> Tensor:

@@ -57,7 +57,7 @@ class HFRolloutBackend:
         if seeds is None:
             seeds = torch.randint(0, 2**63 - 1, (R,), dtype=torch.long) if not greedy else torch.zeros(R, dtype=torch.long)
         seeds = torch.as_tensor(seeds, dtype=torch.long)
-        banned = self._banned(meta_modes)
+        ban_rows = torch.tensor([m == MetaMode.BAN for m in meta_modes], dtype=torch.bool)
         params = SamplingParams(max_new_tokens, temperature, top_p, greedy)
         options = DecodeOptions(share_prefix=self.share_prefix, compact=self.compact, compiled=compile)
         step = max_rows_per_call or max(R, 1)
@@ -68,7 +68,7 @@ class HFRolloutBackend:
         try:
             parts = [
                 decode(self.model, [p + f for p, f in zip(prompt_ids[s:s + step], forced[s:s + step])], seeds[s:s + step], params,
-                       stop_ids=self.stop_ids, pad_id=self.pad_id, banned=banned[s:s + step] if banned is not None else None,
+                       stop_ids=self.stop_ids, pad_id=self.pad_id, ban_rows=ban_rows[s:s + step], ban_ids=self.meta_ids,
                        options=options)
                 for s in range(0, calls * step, step)
             ]
@@ -76,16 +76,6 @@ class HFRolloutBackend:
             self.model.train(was_training)
         gen = torch.cat(parts) if parts else torch.full((0, max_new_tokens), self.pad_id, dtype=torch.long)
         return self._assemble(prompt_ids, forced, gen, meta_modes)
-
-    def _banned(self, meta_modes) -> torch.Tensor | None:
-        """[R, V] bool: the meta tags on `ban` rows; None when no row bans."""
-        rows = torch.tensor([m == MetaMode.BAN for m in meta_modes], dtype=torch.bool)
-        if not rows.any():
-            return None
-        V = self.model.get_output_embeddings().weight.shape[0]
-        banned = torch.zeros((len(meta_modes), V), dtype=torch.bool)
-        banned[rows.nonzero(as_tuple=True)[0].unsqueeze(1), torch.tensor(self.meta_ids)] = True
-        return banned
 
     def _assemble(self, prompt_ids, forced, gen, meta_modes) -> RolloutBatch:
         R = gen.shape[0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticLayer
 
 
 class GrowingLayer(CacheLayerMixin):
@@ -67,8 +67,11 @@ class RowKVCache(Cache):
     def from_prefill(cls, prefill: DynamicCache, row_source: Tensor, capacity: int, static: bool) -> "RowKVCache":
         """Rows' caches from the prefixes' prefill: row r starts as prefix `row_source[r]`."""
         layers = []
-        for layer in prefill.layers:
-            U, H, P, D = layer.keys.shape
+        for i, layer in enumerate(prefill.layers):
+            if type(layer) is not DynamicLayer:  # sliding-window, linear-attention, quantized, ...
+                raise NotImplementedError(f"the decode loop supports full-attention KV caches only; layer {i} of this model "
+                                          f"caches with {type(layer).__name__}")
+            _, H, P, D = layer.keys.shape
             keys = layer.keys.new_zeros((len(row_source), H, capacity, D))
             values = layer.values.new_zeros((len(row_source), H, capacity, layer.values.shape[-1]))
             keys[:, :, :P] = layer.keys.index_select(0, row_source)
