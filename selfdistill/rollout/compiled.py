@@ -15,9 +15,13 @@ which skips HF's per-step mask construction. Other attention implementations kee
 The sampler (`compiled_sampler`) is compiled too: its counter-based noise is ~30 elementwise passes
 over [rows, vocabulary] in eager mode, one fused kernel compiled.
 
-Measured on a 2-core CPU (issue 17's tiny Qwen3 shape, 64 rows): the compiled static step is
-about 10% faster than the eager step over the growing cache, and compiling costs ~40 s per process
-(more for each new shape), so on CPU `rollout.compile` stays off by default.
+Measured on a shared 2-core CPU (issue 17's tiny Qwen3 shape, 64 rows x <= 64 tokens): one compiled
+decode step is ~10% faster than an eager one, a whole rollout no faster (0.68-0.71 s vs 0.56-0.79 s
+of CPU time on one thread: the step is mostly matmul and attention kernels either way), and
+compiling costs 20-60 s per process, so `rollout.compile` is off by default. Not yet run on a GPU,
+where CUDA graphs are what it is for: each call's new cache buffers (and each compaction) are new
+static addresses, so CUDA graphs are re-recorded per call and batch size; keeping the buffers
+across calls is the next step there.
 """
 
 from __future__ import annotations
