@@ -169,6 +169,11 @@ class RolloutConfig:
     top_p: float = 1.0
     without_mode: str = "placebo"  # cf / asym_cf without-arm: force the placebo block, or ban tags
     split_arms: bool = False  # first n/2 with meta, the rest without (cf, asym_cf)
+    # Rows (prompts x n) per generation call; null = all in one call. Outputs are the same per row.
+    max_rows_per_call: Optional[int] = None
+    # torch.compile the decode step over a static KV cache (CUDA graphs on GPU); off: on a 2-core CPU
+    # it measured no faster and costs ~20-40 s of compilation per process (selfdistill/rollout/compiled.py).
+    compile: bool = False
 
 
 @dataclass
@@ -359,6 +364,11 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
     if r.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    if r.max_rows_per_call is not None and r.max_rows_per_call < 1:
+        raise ConfigError(f"rollout.max_rows_per_call={r.max_rows_per_call} must be >= 1, or null for one call per step")
+    if r.compile and cfg.engine.name == "fsdp2" and not cfg.engine.gather_for_generation:
+        raise ConfigError("rollout.compile=true with engine=fsdp2 and engine.gather_for_generation=false: the compiled "
+                          "decode step cannot run over sharded weights; set rollout.compile=false or gather_for_generation=true")
     if REWARDS[cfg.reward.name].needs_split_arms:
         if not r.split_arms:
             raise ConfigError(
