@@ -114,7 +114,9 @@ def run_trl(args) -> list[dict]:
 
     def correctness(completions, gold, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(g == 1) for g in grader.grade(texts, list(gold))]
+        # TRL hands over decoded texts: grade each as one outside-meta piece (the meta grammar is
+        # token-level; for this timing comparison the grader's work per rollout is what matters)
+        return [float(g == 1) for g in grader.grade([[t] for t in texts], list(gold))]
 
     timing = {"generate_s": 0.0}
     generate = model.generate
