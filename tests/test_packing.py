@@ -53,15 +53,29 @@ def test_pack_rows_hand_worked_layout():
     comp = torch.tensor([[20, 21, 0], [30, 0, 0], [40, 41, 42]])
     mask = comp != 0
     p = packing.pack_rows([[1, 2, 3], [1, 2, 3], [4, 5]], comp, mask, torch.device("cpu"))
-    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 20, 21, 30, 40, 41, 42]]  # each distinct prompt once
-    assert p.position_ids.tolist() == [[0, 1, 2, 0, 1, 3, 4, 3, 2, 3, 4]]  # positions within each row
-    # the state before each completion token: its prompt's last token, then its own previous token
-    assert p.predictors.tolist() == [2, 5, 2, 4, 8, 9]
-    lay = p.layout
-    assert lay.key_index.tolist() == [[0, 1, 2, 5, 6, 0], [0, 1, 2, 7, 0, 0], [3, 4, 0, 8, 9, 10]]
+    # each distinct prompt once; then the completions, longest first, each without its last token
+    # (it predicts nothing); row 1's only token enters nowhere
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 40, 41, 20]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 3]]  # positions within each row
+    # the state before each completion token (row-major): its prompt's last token, then its own previous token
+    assert p.predictors.tolist() == [2, 7, 2, 4, 5, 6]
+    prompts, completions = p.layout.blocks  # 2 completion rows: one block
+    assert prompts.queries.tolist() == prompts.keys.tolist() == [[0, 1, 2], [3, 4, 0]]
+    assert prompts.mask[1, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 0]]  # causal, the pad key never seen
+    assert completions.queries.tolist() == [[5, 6], [7, 0]] and completions.real.tolist() == [[True, True], [True, False]]
+    assert completions.keys.tolist() == [[3, 4, 0, 5, 6], [0, 1, 2, 7, 0]]
     # row 2 (prompt of 2 tokens): query t sees its prompt's 2 real slots and its completion up to t
-    assert lay.completion_mask[2, 0].int().tolist() == [[1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 0, 1, 1, 1]]
-    assert lay.prompt_mask[1, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 0]]  # causal, pad key never seen
+    assert completions.mask[0, 0].int().tolist() == [[1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+    assert completions.mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_rows_of_similar_length_share_an_attention_block():
+    lengths = torch.tensor([3, 40, 7, 40, 12] * 8)
+    mask = torch.arange(40) < lengths[:, None]
+    p = packing.pack_rows([[1, 2]] * 40, torch.where(mask, 9, 0), mask, torch.device("cpu"))
+    widths = [b.queries.shape for b in p.layout.blocks[1:]]
+    assert widths == [(16, 39), (16, 11), (8, 2)]  # 40 rows in blocks of 16, each as wide as its longest row
+    assert p.input_ids.shape[1] == 2 + int((lengths - 1).sum())
 
 
 def test_packed_logprobs_equal_each_row_alone(tiny):
@@ -181,7 +195,7 @@ def test_the_policy_update_runs_packed():
             grpo.policy_update(engine, batch, token_adv, tok.pad_token_id, cfg, 0)
             if packed:
                 assert layouts and all(lay is not None and lay.calls for lay in layouts)
-                assert {lay.prompt_index.shape[0] for lay in layouts} == {2}  # 8 rows, their 2 prompts once each
+                assert {lay.blocks[0].queries.shape[0] for lay in layouts} == {2}  # 8 rows, their 2 prompts once each
     finally:
         packing.AttentionInterface.register(packing.GROUPED_PREFIX, real)
         engine.step, logprobs.uses_packing = real_step, saved

@@ -111,7 +111,10 @@ class DirectDecoder:
         return None if unsupported_reason(model) is not None else cls(model)
 
     def _rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
-        """HF's RMSNorm: normalised in fp32, cast back, then scaled by the weight in the input dtype."""
+        """HF's RMSNorm: normalised in fp32, cast back, then scaled by the weight in the input dtype
+        (fp32: one fused call, the same products)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps=self.eps)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def _rotate(self, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
@@ -123,9 +126,10 @@ class DirectDecoder:
         x = F.embedding(input_ids[:, 0], self.embed)  # [B, hidden]
         cos, sin = self.rotary(x, position_ids)  # [B, 1, D]: broadcast over the heads of [B, heads, D]
         sin = sin * self.sign
-        # [B, 1, 1, L]: 0 on the row's real columns, -inf on its prefix padding
-        bias = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
-            attention_mask == 0, float("-inf"))[:, None, None, :]
+        # [B * Hkv, H / Hkv, L]: 0 on the row's real columns, -inf on its prefix padding
+        L, group = attention_mask.shape[1], H // Hkv
+        bias = torch.zeros((B, 1, 1, L), dtype=x.dtype, device=x.device).masked_fill_(
+            attention_mask[:, None, None, :] == 0, float("-inf")).expand(B, Hkv, group, L).reshape(B * Hkv, group, L)
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             q = F.linear(h, layer.q, layer.q_bias).view(B, H, D)
@@ -135,10 +139,12 @@ class DirectDecoder:
                 q, k = self._rms_norm(q, layer.q_norm), self._rms_norm(k, layer.k_norm)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             keys, values = cache.layers[i].update(k[:, :, None], v[:, :, None])  # [B, Hkv, L, D]
-            # The H / Hkv query heads of a KV head ride on it: [B, Hkv, H/Hkv, D] against [B, Hkv, L, D].
-            scores = torch.matmul(q.view(B, Hkv, H // Hkv, D), keys.transpose(2, 3)) * self.scaling + bias
+            # The H / Hkv query heads of a KV head ride on it: [B * Hkv, H/Hkv, D] against [B * Hkv, L, D];
+            # scaling * (q k^T) + bias in one call.
+            scores = torch.baddbmm(bias, q.view(B * Hkv, group, D), keys.reshape(B * Hkv, L, D).transpose(1, 2),
+                                   alpha=self.scaling)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(probs, values).reshape(B, H * D)
+            out = torch.bmm(probs, values.reshape(B * Hkv, L, D)).reshape(B, H * D)
             x = x + F.linear(out, layer.o, layer.o_bias)
             h = self._rms_norm(x, layer.post_norm)
             x = x + F.linear(F.silu(F.linear(h, layer.gate, layer.gate_bias)) * F.linear(h, layer.up, layer.up_bias),
