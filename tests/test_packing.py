@@ -69,6 +69,12 @@ def test_pack_rows_hand_worked_layout():
     assert completions.mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
+def test_rows_of_one_token_enter_only_through_their_prompt():
+    comp = torch.tensor([[20, 0], [30, 0]])
+    p = packing.pack_rows([[1, 2], [3]], comp, comp != 0, torch.device("cpu"))
+    assert p.input_ids.tolist() == [[1, 2, 3]] and p.predictors.tolist() == [1, 2] and len(p.layout.blocks) == 1
+
+
 def test_rows_of_similar_length_share_an_attention_block():
     lengths = torch.tensor([3, 40, 7, 40, 12] * 8)
     mask = torch.arange(40) < lengths[:, None]

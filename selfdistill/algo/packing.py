@@ -113,7 +113,7 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: Tensor, completion_ma
     causal_p = slots_p[None, :] <= slots_p[:, None]  # [query, key]
     blocks = [AttentionBlock(prompt_index, prompt_real, prompt_index, (causal_p[None] & prompt_real[:, None, :])[:, None])]
     ids, positions = [torch.tensor([t for p in prompts for t in p], dtype=torch.long)], [slots_p.expand(len(prompts), P)[prompt_real]]
-    for rows in order.split(ROWS_PER_BLOCK):
+    for rows in order.split(ROWS_PER_BLOCK) if len(order) else ():  # (split of nothing gives one empty chunk)
         T = int(c_in[rows[0]])
         slots_t = torch.arange(T)
         real = slots_t < c_in[rows][:, None]
