@@ -105,7 +105,7 @@ def _clipped_mean_min_kernel(
         total += tile_sum(tl.where(used, c, 0.0))
         count += tile_sum(used.to(tl.float64))
         lowest = tl.minimum(lowest, tile_min(tl.where(used, c, float("inf"))))
-    result = total / tl.maximum(count, 1.0) + min_weight * lowest
+    result = total / tl.maximum(count, 1.0) + min_weight * tl.where(count > 0.0, lowest, 0.0)  # no 0 * inf
     result = tl.where((bad > 0.0) | (count == 0.0), float("nan"), result)
     tl.store(out_ptr + row, result)
 

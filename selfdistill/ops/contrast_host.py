@@ -32,6 +32,7 @@ from torch import Tensor
 from selfdistill.ops import logprob_host
 from selfdistill.ops.calls import backend_of, record
 from selfdistill.ops.contrast_reference import Contrast, check_contrast_inputs, contrast_position_kinds, masked_finite_sum
+from selfdistill.ops.logprob_host import unit_column_stride
 
 
 class ContrastLaunchers(Protocol):
@@ -92,7 +93,7 @@ def gold_decoy_contrast(
     record("gold_decoy_contrast", backend_of(launchers))
     contrast = torch.zeros(divergent.shape, dtype=torch.float32, device=gold_hidden.device)
     if bool(first.any()):
-        c1 = _FirstPositionFunction.apply(launchers, gold_hidden[first].contiguous(), weight.contiguous(),
+        c1 = _FirstPositionFunction.apply(launchers, gold_hidden[first].contiguous(), unit_column_stride(weight),
                                           None if bias is None else bias.contiguous(), gold_ids[first].long().contiguous(),
                                           decoy_ids[first].long().contiguous(), float(temperature))
         contrast = contrast.index_put((first,), c1)
@@ -103,7 +104,7 @@ def gold_decoy_contrast(
                                                            chunk_rows, bias)
         n = logp.shape[0] // 2
         contrast = contrast.index_put((later,), logp[:n] - logp[n:])
-    return Contrast(contrast, masked_finite_sum(contrast.detach(), divergent))
+    return Contrast(contrast, masked_finite_sum(contrast, divergent))
 
 
 RowReduction = Callable[[Tensor, Tensor, Tensor | None, float, float], Tensor]  # (values, mask, minus, clip, min_weight) -> float64 [R]

@@ -125,7 +125,7 @@ def gold_decoy_contrast(
         logp, _ = fused_linear_token_logprobs(hidden, weight, targets, temperature, bias=bias)
         n = logp.shape[0] // 2
         contrast = contrast.index_put((later,), logp[:n] - logp[n:])
-    return Contrast(contrast, masked_finite_sum(contrast.detach(), divergent))
+    return Contrast(contrast, masked_finite_sum(contrast, divergent))
 
 
 def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT,
