@@ -148,7 +148,8 @@ def measure(results: JsonRows, base: dict, fn: Callable[[], object], args, *, by
 def emit(results: JsonRows, args) -> None:
     """Print the table of every row in the results and mark this run complete."""
     rows = results.rows
-    cols = [c for c in ("shape", "provider", "mode", "ms", "gbps", "tflops", "peak_mem_mb", "vs_matmuls", "extra_mem_mb", "error")
+    cols = [c for c in ("shape", "arm", "provider", "mode", "ms", "gbps", "tflops", "peak_mem_mb", "vs_matmuls", "extra_mem_mb",
+                        "vocab_rows", "max_diff", "error")
             if any(c in r for r in rows)]
     print(f"# {results.doc['kernel']} on {args.device} ({device_name(args.device)}), preset {args.preset}, median of {args.reps}")
     print(" | ".join(f"{c:>14}" for c in cols))
