@@ -22,6 +22,12 @@ prompts, each completed by its worked solution with a meta block, the SFT model 
     python benchmarks/bench_step.py --arms base,pmi_shift --steps 4 --engine single --json out.json
     python benchmarks/bench_step.py --model-size full --sft-steps 150      # the demo's tiny model
     python benchmarks/bench_step.py --arms base --engine fsdp2 --json fsdp2.json  # per engine: tokens/s, peak memory
+    python benchmarks/bench_step.py --setting trl --json trl_setting.json     # issue 17's setting (bench_vs_trl.py)
+
+`--setting trl` is the setting of the TRL comparison (`TRL_SETTING`, benchmarks/bench_vs_trl.py):
+a random-init Qwen3-shaped model (hidden 256, 4 layers, 4 query / 2 KV heads, head_dim 64, FFN
+512, tied embeddings, char vocabulary), 8 prompts x 8 completions x <= 64 new tokens at T=1.0,
+dapo, no KL, one optimizer step on all 64 completions, fp32, 2 threads; no SFT, base arm only.
 
 Per arm it also reports `tokens_per_s` (completion tokens over the step time, median) and
 `peak_mem_mb` (CUDA: peak allocated during that arm's run; CPU: the process's peak RSS so far).
@@ -48,8 +54,44 @@ SMALL_MODEL = ["model.tiny.hidden_size=96", "model.tiny.num_hidden_layers=2", "m
                "model.tiny.num_key_value_heads=1", "model.tiny.intermediate_size=256"]
 
 
+# Issue 17's setting, shared with bench_vs_trl.py and bench_rollout.py.
+TRL_SETTING = [
+    "model.tiny.hidden_size=256", "model.tiny.num_hidden_layers=4", "model.tiny.num_attention_heads=4",
+    "model.tiny.num_key_value_heads=2", "model.tiny.head_dim=64", "model.tiny.intermediate_size=512",
+    "model.tiny.tie_word_embeddings=true", "model.dtype=float32", "engine=single",
+    "grpo.batch_size=8", "rollout.n=8", "rollout.max_new_tokens=64", "rollout.temperature=1.0", "rollout.top_p=1.0",
+    "algo.loss_type=dapo", "algo.kl_coef=0.0", "algo.entropy_coef=0.0", "algo.ppo_epochs=1", "algo.num_minibatches=1",
+    "algo.filter_zero_std=false", "grpo.warmup_steps=0", "grpo.schedule=constant", "grpo.weight_decay=0.0",
+    "grpo.grad_clip=1.0", "grpo.betas=[0.9,0.99]", "trainer.stages=[grpo]", "trainer.progress=false",
+    "trainer.tensorboard=false", "trainer.save_every=0",
+]
+
+
+def machine_description(threads: int) -> dict:
+    """What the numbers were measured on: CPU model, cores, load, library versions."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = "not installed"
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": threads, "load_avg_1m": os.getloadavg()[0],
+            "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl_version}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setting", choices=("default", "trl"), default="default",
+                   help="trl: issue 17's setting (TRL_SETTING; random init, no SFT, base arm only, 2 threads)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list out of {','.join(ARMS)} (base is always run)")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps per arm; the first is warm-up and not averaged")
     p.add_argument("--engine", default=None, help="passed through as the Hydra override engine=<name>")
@@ -70,12 +112,17 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         p.error(f"unknown arms {unknown}; choose from {','.join(ARMS)}")
     args.arms = ["base"] + [a for a in arms if a != "base"]
+    if args.setting == "trl":
+        args.arms, args.batch_size, args.n, args.max_new_tokens = ["base"], 8, 8, 64
+        args.threads = 2 if args.threads == 1 else args.threads
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")
     return args
 
 
 def common_overrides(args) -> list[str]:
+    if args.setting == "trl":
+        return [*TRL_SETTING, f"grpo.steps={args.steps}", f"trainer.torch_threads={args.threads}", *args.overrides]
     out = [
         f"sft.steps={args.sft_steps}", "sft.batch_size=32", "sft.warmup_steps=5",
         f"grpo.steps={args.steps}", f"grpo.batch_size={args.batch_size}", f"rollout.n={args.n}",
@@ -123,7 +170,8 @@ def run_arm(arm: str, overrides: list[str], sft_ckpt: str, root: str) -> tuple[d
     run_dir = os.path.join(root, arm)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    Trainer(compose([f"experiment={arm}", *overrides, f"trainer.resume={sft_ckpt}"]), run_dir).run()
+    resume = [f"trainer.resume={sft_ckpt}"] if sft_ckpt else []  # the trl setting starts from random init
+    Trainer(compose([f"experiment={arm}", *overrides, *resume]), run_dir).run()
     rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["stage"] == "grpo"][1:]
     out = {f"{ph}_s": statistics.median(r[f"perf/{ph}_s"] for r in rows) for ph in PHASES}
     out["step_s"] = statistics.median(sum(r[f"perf/{ph}_s"] for ph in PHASES) for r in rows)
@@ -178,7 +226,7 @@ def all_meta_scoring(arm: str, sft_ckpt: str, overrides: list[str], rollouts: in
         group_ids, with_arm, examples = torch.arange(R) // n, torch.arange(R) % n < n // 2, exs[::n]
     else:  # belief heads: every rollout its own prompt and example, so no pass is shared
         group_ids, with_arm, examples = torch.arange(R), torch.ones(R, dtype=torch.bool), exs
-    batch = RolloutBatch([encode_prompt(tok, e, cfg.data.system_prompt) for e in exs], ids, mask, torch.zeros_like(mask),
+    batch = RolloutBatch([encode_prompt(tok, e, cfg.data) for e in exs], ids, mask, torch.zeros_like(mask),
                          group_ids, with_arm, [e.solution for e in exs])
     answers = [extract_boxed_answer(p) for p in rollout_outside_meta_texts(batch, tok, meta_token_ids(tok))]
     grades = torch.tensor([1 if a == e.gold else 0 for a, e in zip(answers, exs)])
@@ -201,7 +249,7 @@ def main() -> None:
     R = args.batch_size * args.n
     root = tempfile.mkdtemp(prefix="bench_step_")
     t0 = time.perf_counter()
-    sft_ckpt = run_sft(overrides, root)
+    sft_ckpt = run_sft(overrides, root) if args.setting == "default" else None
     sft_s = time.perf_counter() - t0
     runs = {arm: run_arm(arm, overrides, sft_ckpt, root) for arm in args.arms}
     arms = {arm: summary for arm, (summary, _) in runs.items()}
@@ -221,7 +269,8 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_avg_1m_at_end": os.getloadavg()[0], "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "settings": {"arms": args.arms, "grpo_steps": args.steps, "steps_averaged": args.steps - 1, "sft_steps": args.sft_steps,
+        "machine": machine_description(torch.get_num_threads()),
+        "settings": {"setting": args.setting, "arms": args.arms, "grpo_steps": args.steps, "steps_averaged": args.steps - 1, "sft_steps": args.sft_steps,
                      "rollouts_per_step": R, "max_new_tokens": args.max_new_tokens, "model_size": args.model_size,
                      "engine": args.engine or "single", "overrides": overrides},
         "sft_s": sft_s,
@@ -229,6 +278,8 @@ def main() -> None:
         "target_score_overhead": TARGET,
         "arms": arms,
         "all_meta": all_meta,
+        "step_rows": {arm: [{k: v for k, v in r.items() if k == "step" or k.startswith("perf/")} for r in rows]
+                      for arm, (_, rows) in runs.items()},
     }
     print(f"# bench_step on {doc['device']} ({doc['device_name']}, {doc['cpu_count']} cores), {R} rollouts/step, "
           f"median of {args.steps - 1} steps after warm-up; overhead = (score - base score) / same step's other phases + base score")

@@ -31,6 +31,8 @@ REWARD_AGGS = ("mean", "sum_clip", "mean_min")
 WITHOUT_MODES = ("placebo", "ban")
 NONFINITE_POLICIES = ("raise", "skip")
 SCHEDULES = ("constant", "cosine", "linear")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # fp16 is listed so build_engine can say why it is refused
 
 
 @dataclass
@@ -53,8 +55,13 @@ class ModelConfig:
     path: Optional[str] = None  # HF checkpoint directory; null builds the tiny model
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     trust_remote_code: bool = False
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # Parameter dtype: float32 | bfloat16 | float16. The optimizer updates these parameters, so a
+    # trained model keeps float32 and computes in bf16 with engine.mixed_precision=bf16.
+    dtype: str = "float32"
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the `gpu` extra)
+    # Recompute each decoder layer's activations in backward (HF activation checkpointing, non-
+    # reentrant): activation memory of one layer instead of all; same loss and gradient.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -79,6 +86,14 @@ class DataConfig:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     decoy_seed: int = 42
     system_prompt: Optional[str] = None
+    # Prompt rows longer than this many tokens (chat-templated, as the policy sees them) are dropped
+    # at load, counted and logged; null keeps every row.
+    max_prompt_tokens: Optional[int] = None
+    # false: the prompt is its messages' contents joined by a blank line, tokenized as they are
+    # (base models without a chat template); true: the tokenizer's chat template.
+    chat_template: bool = True
+    # Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,12 +169,19 @@ class RolloutConfig:
     top_p: float = 1.0
     without_mode: str = "placebo"  # cf / asym_cf without-arm: force the placebo block, or ban tags
     split_arms: bool = False  # first n/2 with meta, the rest without (cf, asym_cf)
+    # Rows (prompts x n) per generation call; null = all in one call. Outputs are the same per row.
+    max_rows_per_call: Optional[int] = None
+    # torch.compile the decode step over a static KV cache (CUDA graphs on GPU); off: on a 2-core CPU
+    # it measured no faster and costs ~20-40 s of compilation per process (selfdistill/rollout/compiled.py).
+    compile: bool = False
 
 
 @dataclass
 class EngineConfig:
     name: str = "single"
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    # bf16: compute in bf16, fp32 master weights and optimizer state (model.dtype=float32). single /
+    # ddp: torch.autocast around the model's forward; fsdp2: MixedPrecisionPolicy; deepspeed: bf16.
+    mixed_precision: str = "no"  # no | bf16 (fp16 is refused: it needs loss scaling)
     gather_for_generation: bool = True  # FSDP2/ZeRO-3: gather full params once per rollout phase
     shard_reference: bool = False
     backend: str = "auto"  # process-group backend: auto | nccl | gloo
@@ -342,6 +364,11 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
     if r.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    if r.max_rows_per_call is not None and r.max_rows_per_call < 1:
+        raise ConfigError(f"rollout.max_rows_per_call={r.max_rows_per_call} must be >= 1, or null for one call per step")
+    if r.compile and cfg.engine.name == "fsdp2" and not cfg.engine.gather_for_generation:
+        raise ConfigError("rollout.compile=true with engine=fsdp2 and engine.gather_for_generation=false: the compiled "
+                          "decode step cannot run over sharded weights; set rollout.compile=false or gather_for_generation=true")
     if REWARDS[cfg.reward.name].needs_split_arms:
         if not r.split_arms:
             raise ConfigError(
@@ -360,6 +387,16 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError(f"data.source={cfg.data.source!r}: choose synthetic or files")
     if cfg.data.source == "files" and not cfg.data.train_path:
         raise ConfigError("data.source=files needs data.train_path=<.parquet or .jsonl>")
+    if cfg.data.max_prompt_tokens is not None and cfg.data.max_prompt_tokens < 1:
+        raise ConfigError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} must be >= 1 or null (no limit)")
+    if not cfg.data.chat_template and cfg.data.chat_template_kwargs:
+        raise ConfigError(f"data.chat_template_kwargs={dict(cfg.data.chat_template_kwargs)} has no template to reach "
+                          "with data.chat_template=false; drop the kwargs or enable the template")
+    _choice(cfg.model.dtype, "model.dtype", MODEL_DTYPES)
+    _choice(cfg.engine.mixed_precision, "engine.mixed_precision", MIXED_PRECISIONS)
+    if cfg.engine.mixed_precision == "bf16" and cfg.model.dtype != "float32" and not cfg.engine.name.startswith("deepspeed"):
+        raise ConfigError(f"engine.mixed_precision=bf16 keeps the model's own parameters as the fp32 master weights on "
+                          f"engine={cfg.engine.name}, but model.dtype={cfg.model.dtype}; set model.dtype=float32")
     _validate_eval(cfg)
 
 

@@ -43,6 +43,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from selfdistill.config import DataConfig
 from selfdistill.data import Example, encode_prompt
 from selfdistill.models import meta_token_ids
 from selfdistill.rewards.regions import content_regions, meta_emitted, rollout_outside_meta_texts
@@ -160,12 +161,13 @@ def sampling_settings(cfg) -> dict:
 
 def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tokens: int, batch_size: int,
              samples_per_problem: int = 1, greedy: Optional[bool] = None, temperature: float = 1.0, top_p: float = 1.0,
-             num_bands: int = 4, seed_keys: Sequence[int] = (0,), system_prompt: Optional[str] = None,
+             num_bands: int = 4, seed_keys: Sequence[int] = (0,), data: Optional[DataConfig] = None,
              prefix: str = "eval", rank: int = 0, world_size: int = 1,
              gather: Optional[Callable[[list], list[list]]] = None, progress: bool = False) -> EvalResult:
     """Evaluate `examples` (this rank generates its `rank_share`, `gather` collects every rank's
     rows: `engine.gather_objects`) and summarise them under `prefix`. `greedy=None`: greedy for
-    k = 1, sampling otherwise."""
+    k = 1, sampling otherwise. `data`: the run's data config, which says how prompts are encoded
+    (`selfdistill.data.encode_prompt`)."""
     if not examples:
         raise ValueError(f"{prefix}: the evaluation split is empty; set data.eval_path (held-out), "
                          "eval.val_size or data.val_path (held-in), or data.synthetic.num_eval")
@@ -178,7 +180,7 @@ def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tok
     calls = math.ceil(math.ceil(len(examples) / world_size) * k / batch_size)
     rows = _generate_and_grade(backend, tokenizer, grader, examples, share, bands, k=k, greedy=greedy,
                                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, seed_keys=seed_keys, system_prompt=system_prompt, calls=calls,
+                               batch_size=batch_size, seed_keys=seed_keys, data=data or DataConfig(), calls=calls,
                                progress=progress, desc=prefix)
     parts = gather(rows) if gather is not None else [rows]
     rows = sorted((r for part in parts for r in part), key=lambda r: (r["problem_index"], r["sample"]))
@@ -186,9 +188,9 @@ def evaluate(backend, tokenizer, examples: list[Example], grader, *, max_new_tok
 
 
 def _generate_and_grade(backend, tokenizer, grader, examples, share, bands, *, k, greedy, temperature, top_p,
-                        max_new_tokens, batch_size, seed_keys, system_prompt, calls, progress, desc) -> list[dict]:
+                        max_new_tokens, batch_size, seed_keys, data, calls, progress, desc) -> list[dict]:
     meta_ids = meta_token_ids(tokenizer)
-    prompts = {i: encode_prompt(tokenizer, examples[i], system_prompt) for i in share}
+    prompts = {i: encode_prompt(tokenizer, examples[i], data) for i in share}
     jobs = [(i, j) for i in share for j in range(k)]
     rows: list[dict] = []
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, leave=False)
@@ -212,7 +214,7 @@ def _generate_and_grade(backend, tokenizer, grader, examples, share, bands, *, k
         bar.update(len(chunk))
     bar.close()
     done = math.ceil(len(jobs) / batch_size)
-    filler = [encode_prompt(tokenizer, examples[share.start if len(share) else 0], system_prompt)]
+    filler = [encode_prompt(tokenizer, examples[share.start if len(share) else 0], data)]
     for _ in range(calls - done):
         backend.generate(filler, [MetaMode.ALLOW], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          greedy=greedy, seeds=None if greedy else [rollout_seed(*seed_keys, 0, 0)])

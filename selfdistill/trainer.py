@@ -24,7 +24,7 @@ import torch
 from selfdistill import checkpoint as ckpt
 from selfdistill import ops
 from selfdistill.config import Config, to_container
-from selfdistill.data import load_splits
+from selfdistill.data import drop_long_prompts, load_splits
 from selfdistill.data.sampler import PromptSampler
 from selfdistill.engine import build_engine
 from selfdistill.eval import held_in_split
@@ -67,8 +67,10 @@ class Trainer:
         seed_everything(cfg.seed + engine.rank)
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         model = engine.wrap(model)
-        train_set, held_out = load_splits(cfg.data)
+        train_set, held_out = load_splits(cfg.data, tokenizer)  # tokenizer: data.max_prompt_tokens
         train_set, held_in = held_in_split(train_set, cfg.eval.val_size, cfg.data.val_path, cfg.data.decoy_seed)
+        if cfg.data.val_path and cfg.data.max_prompt_tokens is not None:  # a held-in file obeys the limit too
+            held_in = drop_long_prompts(held_in, tokenizer, cfg.data, "held-in")
         return StageContext(
             cfg=cfg, run_dir=run_dir, engine=engine, model=model, tokenizer=tokenizer, meta_ids=meta_token_ids(tokenizer),
             train_set=train_set, held_out=held_out, held_in=held_in, sampler=PromptSampler(len(train_set), cfg.seed),

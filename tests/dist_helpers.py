@@ -4,6 +4,7 @@
     python tests/dist_helpers.py world_size_one OUT                      # sharded engines, 1 process
     torchrun --nproc-per-node 2 tests/dist_helpers.py uneven_rows OUT    # ranks with unequal rows
     python tests/dist_helpers.py uneven_rows OUT                         # ... and its 1-process reference
+    torchrun --nproc-per-node 2 tests/dist_helpers.py lockstep_generation OUT  # fsdp2 without gathering
 
 Each rank writes OUT/<check>-rank<r>.json; the test reads and asserts on them.
 """
@@ -29,8 +30,8 @@ TINY_MODEL = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "mo
 ENGINE_EXTRA = {"deepspeed_zero3": ["engine.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]}
 
 
-def make_engine(name: str, on_nonfinite: str = "skip"):
-    cfg = compose_config([*TINY_MODEL, f"engine={name}", f"trainer.on_nonfinite={on_nonfinite}", *ENGINE_EXTRA.get(name, [])])
+def make_engine(name: str, on_nonfinite: str = "skip", extra: tuple[str, ...] = ()):
+    cfg = compose_config([*TINY_MODEL, f"engine={name}", f"trainer.on_nonfinite={on_nonfinite}", *ENGINE_EXTRA.get(name, []), *extra])
     torch.manual_seed(0)
     engine = build_engine(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -232,7 +233,42 @@ def sharded_reference(out: str) -> None:
     dist.destroy_process_group()
 
 
+def lockstep_generation(out: str) -> None:
+    """FSDP2 with engine.gather_for_generation=false: every forward all-gathers the layers, so the
+    ranks must run as many forwards. Rank 0 generates 2 rows of at most 3 tokens in one call, rank
+    1 five rows of at most 12 tokens in three calls (max_rows_per_call=2), then both a greedy pass:
+    nobody hangs, both ranks count the same forwards, and every row equals the same row generated
+    by one process from the full (unsharded) model."""
+    import torch.distributed as dist
+
+    from selfdistill.rollout import MetaMode
+    from selfdistill.rollout.hf import HFRolloutBackend
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    engine, tokenizer = make_engine("fsdp2", extra=("engine.gather_for_generation=false",))
+    model = engine.unwrapped()
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    questions = ["1+2", "17*3+5"] if rank == 0 else ["9", "100-7*2", "3*(4+5)", "2", "40/8"]
+    prompts = [tokenizer(f"<|bos|>Q: {q}\nA: ", add_special_tokens=False)["input_ids"] for q in questions]
+    modes = [(MetaMode.ALLOW, MetaMode.BAN, MetaMode.PLACEBO)[i % 3] for i in range(len(prompts))]
+    calls = [dict(seeds=[100 * rank + i for i in range(len(prompts))], max_new_tokens=3 if rank == 0 else 12, temperature=1.0,
+                  top_p=1.0, max_rows_per_call=2),
+             dict(greedy=True, max_new_tokens=2 if rank == 0 else 9, temperature=1.0, top_p=1.0)]
+    with engine.generation_context():
+        sharded = [HFRolloutBackend(model, tokenizer).generate(prompts, modes, **kw) for kw in calls]
+    counted = len(forwards)
+    full = engine.frozen_copy()  # a collective: every rank gathers the full weights
+    reference = [HFRolloutBackend(full, tokenizer).generate(prompts, modes, **kw) for kw in calls]
+    report = {"forwards": counted, "lengths": [b.lengths.tolist() for b in sharded],
+              "equal": all(torch.equal(a.completion_ids, b.completion_ids) for a, b in zip(sharded, reference))}
+    with open(os.path.join(out, f"lockstep_generation-rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     check, out_dir = sys.argv[1], sys.argv[2]
     {"guarded_step": guarded_step, "world_size_one": world_size_one, "uneven_rows": uneven_rows,
-     "sharded_reference": sharded_reference}[check](out_dir)
+     "sharded_reference": sharded_reference, "lockstep_generation": lockstep_generation}[check](out_dir)

@@ -130,9 +130,10 @@ BAD_ROWS = [
     (_nested("reward_model.ground_truth", _DELETE), "reward_model.ground_truth",
      "non-empty string"),
     (_nested("reward_model.ground_truth", "   "), "reward_model.ground_truth", "non-empty string"),
-    (_nested("reward_model.ground_truth", 2.5), "reward_model.ground_truth", "as strings"),
-    (_nested("reward_model.ground_truth", True), "reward_model.ground_truth", "integer"),
-    (_nested("reward_model.ground_truth", ["1", "2"]), "reward_model.ground_truth", "integer"),
+    (_nested("reward_model.ground_truth", float("nan")), "reward_model.ground_truth", "finite number"),
+    (_nested("reward_model.ground_truth", float("inf")), "reward_model.ground_truth", "finite number"),
+    (_nested("reward_model.ground_truth", True), "reward_model.ground_truth", "finite number"),
+    (_nested("reward_model.ground_truth", ["1", "2"]), "reward_model.ground_truth", "finite number"),
     (_bad(reward_model=None), "reward_model", "struct"),
     (_bad(reward_model="16"), "reward_model", "struct"),
     (_bad(prompt=[]), "prompt", "non-empty list"),
@@ -149,7 +150,7 @@ BAD_ROWS = [
     (_bad(data_source=5), "data_source", "non-empty string"),
     (_bad(ability=""), "ability", "non-empty string"),
     (_bad(extra_info=None), "extra_info", "struct"),
-    (_nested("extra_info.id", _DELETE), "extra_info.id", "rename it to id"),
+    (_nested("extra_info.id", _DELETE), "extra_info.id", "extra_info.index as verl"),
     (_nested("extra_info.id", ""), "extra_info.id", "non-empty string or an integer"),
     (_nested("extra_info.id", 1.5), "extra_info.id", "non-empty string or an integer"),
     (_nested("extra_info.domain", 3), "extra_info.domain", "non-empty string"),
@@ -158,8 +159,6 @@ BAD_ROWS = [
     (_nested("extra_info.difficulty", ""), "extra_info.difficulty", "non-empty string"),
     (_nested("extra_info.solution", 12), "extra_info.solution", "non-empty string"),
     (_nested("extra_info.score", float("-inf")), "extra_info.score", "finite number"),
-    (_bad(reward_model={"ground_truth": "\\pm\\infty"}), "reward_model.ground_truth",
-     "no decoy can be built"),
 ]
 
 
@@ -243,3 +242,86 @@ def test_save_rejects_nan_in_jsonl(tmp_path):
     ex.extra = {"score": float("nan")}
     with pytest.raises(ValueError):
         save_examples([ex], tmp_path / "d.jsonl")
+
+
+# ----------------------------------------------------------------------------- verl files at scale
+
+def _verl_row(index, answer, question="What is 2+2?"):
+    """A row as verl's preprocess scripts write it: extra_info.index, no id."""
+    return {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": question}], "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": answer},
+            "extra_info": {"split": "train", "index": index, "answer": f"#### {answer}", "question": question}}
+
+
+def test_verl_file_with_index_and_numeric_answers_loads(tmp_path, monkeypatch):
+    from decimal import Decimal
+
+    from selfdistill.data import decoys
+
+    rows = [_verl_row(0, 72), _verl_row(1, 2.5), _verl_row(2, 3.0), _verl_row(3, 1e-05), _verl_row(4, -0.1)]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    calls = []
+    real = decoys.make_decoy
+    monkeypatch.setattr(decoys, "make_decoy", lambda g, seed=42: calls.append(g) or real(g, seed))
+    exs = load_examples(path)
+    assert [e.id for e in exs] == ["0", "1", "2", "3", "4"]
+    assert [e.gold for e in exs] == ["72", "2.5", "3", "0.00001", "-0.1"]
+    assert exs[0].extra == {"split": "train", "answer": "#### 72", "question": "What is 2+2?"}  # index became the id
+    # decoys are built when first read, once per row, and equal the eager SPEC section 3 choice
+    assert calls == []
+    assert exs[1].decoy == real("2.5") and exs[1].decoy == exs[1].decoy
+    assert calls == ["2.5"]
+    assert [e.decoy for e in exs] == [real(e.gold) for e in exs] and len(calls) == 5
+    # an id next to an index wins; the index stays an extra key
+    rows = [_verl_row(0, "7"), _verl_row(1, "8")]
+    for i, r in enumerate(rows):
+        r["extra_info"]["id"] = f"q{i}"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    a, b = load_examples(path)
+    assert (a.id, b.id, a.extra["index"]) == ("q0", "q1", 0)
+    # a parquet decimal keeps its digits; duplicate indexes are duplicate ids
+    table = pa.table({"data_source": ["d", "d"], "prompt": [[{"role": "user", "content": "q"}]] * 2,
+                      "reward_model": [{"ground_truth": Decimal("2.50")}, {"ground_truth": Decimal("-0.75")}],
+                      "extra_info": [{"index": 5}, {"index": 6}]})
+    pq.write_table(table, path)
+    assert [e.gold for e in load_examples(path)] == ["2.50", "-0.75"]
+    pq.write_table(pa.Table.from_pylist([_verl_row(3, 1), _verl_row(3, 2)]), path)
+    with pytest.raises(DataError, match=r"rows 0 and 1: field 'extra_info.id': duplicate id '3'"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("value, text", [
+    (2.5, "2.5"), (3.0, "3"), (-0.0, "-0"), (0.1, "0.1"), (1e-05, "0.00001"), (1e16, "10000000000000000"),
+    (123456.789, "123456.789"), (2 / 3, "0.6666666666666666"), (-7, "-7"), (10**20, "100000000000000000000"),
+])
+def test_numeric_answer_text(value, text):
+    from selfdistill.data.loading import numeric_answer_text
+
+    assert numeric_answer_text(value) == text
+    assert float(text) == value  # the text names exactly the stored value
+
+
+def test_numeric_answer_text_round_trips_random_floats():
+    import random
+
+    from selfdistill.data.loading import numeric_answer_text
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        x = rng.uniform(-1e6, 1e6) * 10 ** rng.randint(-12, 6)
+        text = numeric_answer_text(x)
+        assert float(text) == x and "e" not in text.lower(), (x, text)
+
+
+def test_row_without_a_decoy_is_rejected_when_its_decoy_is_first_read(tmp_path):
+    rows = [_row(0), _row(1, reward_model={"ground_truth": "\\pm\\infty"})]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    good, bad = load_examples(path)  # loading checks the schema only
+    assert good.decoy == make_decoy("\\frac{1}{2}")
+    for _ in range(2):  # every read raises: a failed decoy is not cached as None
+        with pytest.raises(DataError) as info:
+            _ = bad.decoy
+        msg = str(info.value)
+        assert str(path) in msg and "row 1 (line 2)" in msg and "row id 'q1' is rejected" in msg, msg
+        assert "'reward_model.ground_truth'" in msg and "no decoy can be built" in msg

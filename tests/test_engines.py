@@ -288,6 +288,19 @@ def test_sharded_engines_work_in_one_process(tmp_path):
     assert report["fsdp2"]["max_weight_diff"] == 0.0  # one shard: FSDP2 runs the same arithmetic
 
 
+@pytest.mark.slow
+def test_fsdp2_generation_without_gathering_keeps_ranks_in_lockstep(tmp_path):
+    """engine.gather_for_generation=false: ranks with different row counts, calls and completion
+    lengths all finish (a rank that is done joins its peer's forwards), with the rows one process
+    generates from the full model."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          os.path.join(ROOT, "tests", "dist_helpers.py"), "lockstep_generation", str(tmp_path)], cwd=tmp_path, timeout=300)
+    r0, r1 = (json.load(open(tmp_path / f"lockstep_generation-rank{r}.json")) for r in (0, 1))
+    assert r0["equal"] and r1["equal"], (r0, r1)
+    assert r0["forwards"] == r1["forwards"], (r0, r1)
+    assert max(max(x) for x in r0["lengths"]) < min(max(x) for x in r1["lengths"]), (r0, r1)  # rank 0 finished first
+
+
 # -- fast checks ---------------------------------------------------------------------------------
 
 def test_deepspeed_config_is_generated_from_the_hydra_config():
@@ -320,7 +333,7 @@ def test_only_rank_zero_is_a_hydra_run():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["engine=single", "engine.mixed_precision=bf16"], "no mixed-precision policy"),
+    (["engine=single", "engine.mixed_precision=bf16", "model.dtype=bfloat16"], "set model.dtype=float32"),
     (["engine=fsdp2", "engine.mixed_precision=fp16"], "dynamic loss scaling"),
     (["engine=deepspeed_zero3", "engine.gather_for_generation=false"], "gather_for_generation=false is not supported"),
 ])

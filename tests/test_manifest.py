@@ -76,7 +76,7 @@ def test_a_failing_stage_leaves_failed_with_the_error(tiny_config, tmp_path, mon
 def test_a_failure_while_building_is_recorded(tiny_config, tmp_path, monkeypatch):
     import selfdistill.trainer as trainer_mod
 
-    def no_data(cfg):
+    def no_data(*_):
         raise FileNotFoundError("train.parquet: no such file")
 
     monkeypatch.setattr(trainer_mod, "load_splits", no_data)

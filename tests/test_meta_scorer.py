@@ -1,5 +1,10 @@
 """The meta scorer (SPEC sections 1-2): token-level contexts, beliefs equal to a brute-force full
-forward, membership, and one batched call equal to per-rollout calls."""
+forward, membership, and one batched call equal to per-rollout calls.
+
+The brute-force, membership and batching tests run on two models (`any_lm`): the char model, and a
+Qwen3 checkpoint with a byte-level BPE tokenizer and ChatML template (selfdistill.models.chatml),
+whose multi-token answers give gold/decoy pairs of different lengths (non-members, counted in
+`reward/skip_rate`) and divergent positions that BPE merges move (`{-` is one token)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from selfdistill.rewards import meta_scorer
 from selfdistill.rewards.common import gate
 from selfdistill.rewards.meta_scorer import PLACEBO_BLOCK, TeacherForcedPasses, answer_pair, score_meta_head
 from selfdistill.rollout.base import RolloutBatch
+from tests.chatml_helpers import tiny_chatml_checkpoint
 from tests.meta_helpers import spelled, tagged
 
 BELIEF_ARMS = ("pmi", "gm", "pmi_shift")
@@ -33,6 +39,21 @@ def lm():
         for p in model.parameters():
             p.mul_(4.0)
     return model.eval(), tok, meta_token_ids(tok)
+
+
+@pytest.fixture(scope="module")
+def bpe_lm(tmp_path_factory):
+    """The tiny BPE/ChatML checkpoint loaded as a user's (meta tokens added on spare rows)."""
+    model, tok = load_model_and_tokenizer(ModelConfig(path=tiny_chatml_checkpoint(tmp_path_factory)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model.eval(), tok, meta_token_ids(tok)
+
+
+@pytest.fixture(params=["char", "bpe"])
+def any_lm(request):
+    return request.getfixturevalue("lm" if request.param == "char" else "bpe_lm")
 
 
 def ids_of(tok, text: str) -> list[int]:
@@ -139,8 +160,8 @@ def test_contexts_are_token_level_splices_of_the_sampled_ids(lm, monkeypatch):
     assert set(seen[0].seqs) == {tuple(prompt + P + M + pair.gold[:cut]), tuple(prompt + P + placebo + pair.gold[:cut])}
 
 
-def test_eos_and_padding_never_enter_a_context(lm, monkeypatch):
-    model, tok, mids = lm
+def test_eos_and_padding_never_enter_a_context(any_lm, monkeypatch):
+    model, tok, mids = any_lm
     examples = [ex("16", "25")]  # two divergent positions: the decoy pass runs too
     seen = record_passes(monkeypatch)
     for arm in BELIEF_ARMS:
@@ -148,18 +169,28 @@ def test_eos_and_padding_never_enter_a_context(lm, monkeypatch):
         batch = make_batch(tok, examples, [(0, "a <|meta|>b<|/meta|> c \\boxed{16}"), (0, "<|meta|>bb<|/meta|>cc")])
         values, _, _ = score_meta_head(RewardConfig(name=arm), batch, torch.tensor([1, 0]), examples, model, tok, mids)
         assert torch.isfinite(values).all(), arm
-        assert seen[0].seqs and all(tok.eos_token_id not in s and tok.pad_token_id not in s for s in seen[0].seqs)
+        # after the prompt (a ChatML prompt holds <|im_end|>, the EOS, as its user turn's end)
+        prompt = tuple(encode_prompt(tok, examples[0]))
+        assert seen[0].seqs and all(s[: len(prompt)] == prompt for s in seen[0].seqs)
+        assert all(tok.eos_token_id not in s[len(prompt):] and tok.pad_token_id not in s[len(prompt):] for s in seen[0].seqs)
 
 
 # ----------------------------------------------------------------------------- brute-force equality
 
-@pytest.mark.parametrize("gold,decoy", [("16", "17"), ("16", "25"), ("-12", "-21")])
-def test_pmi_shift_belief_equals_brute_force(lm, gold, decoy):
+@pytest.mark.parametrize("gold,decoy", [("16", "17"), ("16", "25"), ("-12", "-21"), ("-12", "12"), ("123", "132"),
+                                        ("9", "10"), ("\\frac{3}{4}", "\\frac{4}{3}")])
+def test_pmi_shift_belief_equals_brute_force(any_lm, gold, decoy):
+    lm = any_lm
     model, tok, mids = lm
     text = "2-5=-3, 3*-3=-9, 7-9=-2 <|meta|>check 7--9=16<|/meta|> so \\boxed{16}"
     examples = [ex(gold, decoy)]
     pair = answer_pair(tok, gold, decoy)
-    assert pair.divergent is not None
+    if pair.divergent is None:  # different token lengths: a counted non-member, no crash (SPEC section 1)
+        assert len(pair.gold) != len(pair.decoy)
+        values, _, m = score(lm, "pmi_shift", examples, [(0, text)], [0])
+        assert torch.isnan(values).all() and m["reward/skip_rate"] == 1.0
+        assert m["reward/pmi_shift/nonmember/unscorable_pair"] == 1.0
+        return
     prompt = encode_prompt(tok, examples[0])
     c, s, e = split(tok, mids, text)
     b_open, _, _ = brute_belief(model, prompt + c[:s], pair)
@@ -175,7 +206,8 @@ def test_pmi_shift_belief_equals_brute_force(lm, gold, decoy):
 
 
 @pytest.mark.parametrize("correct", [1, 0])
-def test_gm_equals_brute_force(lm, correct):
+def test_gm_equals_brute_force(any_lm, correct):
+    lm = any_lm
     model, tok, mids = lm
     text = "7-9=-2 <|meta|>sign: 7--9=16<|/meta|> so \\boxed{16}"
     examples = [ex("16", "25")]
@@ -194,7 +226,8 @@ def test_gm_equals_brute_force(lm, correct):
 
 
 @pytest.mark.parametrize("agg", ["mean", "sum_clip", "mean_min"])
-def test_pmi_equals_brute_force(lm, agg):
+def test_pmi_equals_brute_force(any_lm, agg):
+    lm = any_lm
     model, tok, mids = lm
     text = "7-9=-2 <|meta|>sign slip<|/meta|> 7--9=16 \\boxed{16}"
     examples = [ex("16", "17")]
@@ -222,7 +255,8 @@ def test_pmi_equals_brute_force(lm, agg):
 
 # ----------------------------------------------------------------------------- membership
 
-def test_membership_cases_are_nan_and_counted(lm):
+def test_membership_cases_are_nan_and_counted(any_lm):
+    lm = any_lm
     examples = [ex("16", "17"), ex("16", "6", q="4*4")]  # group 1: unequal token lengths
     rows = [
         (0, "7-9=-2 <|meta|>sign<|/meta|> \\boxed{16}"),  # member
@@ -290,7 +324,8 @@ BATCH_GRADES = [1, 1, 0, 1, 0, 1, 0, 0]
 
 
 @pytest.mark.parametrize("arm", BELIEF_ARMS)
-def test_one_batched_call_equals_per_rollout_calls(lm, arm, monkeypatch):
+def test_one_batched_call_equals_per_rollout_calls(any_lm, arm, monkeypatch):
+    lm = any_lm
     seen = record_passes(monkeypatch)
     values, _, _ = score(lm, arm, BATCH_EXAMPLES, BATCH_ROWS, BATCH_GRADES)
     assert len(seen) == 1 and len(seen[0].chunks(meta_scorer.MAX_BATCH_TOKENS, meta_scorer.MAX_BATCH_SIZE)) == 1
@@ -323,9 +358,8 @@ def test_scorer_mode_and_grad_left_alone(lm):
 
 # ----------------------------------------------------------------------------- cf / asym_cf
 
-def test_counterfactual_arms_need_no_scorer_and_count_cases():
-    tok = build_char_tokenizer()
-    mids = meta_token_ids(tok)
+def test_counterfactual_arms_need_no_scorer_and_count_cases(any_lm):
+    _, tok, mids = any_lm
     examples = [ex("16", "17"), ex("4", "5", q="2+2"), ex("1", "2", q="0+1")]
     # group 0: with 2/2 correct, without 1/2 -> gain; group 1: with 0/2, without 2/2 -> loss, meta hurt;
     # group 2: both 2/2 -> both solved

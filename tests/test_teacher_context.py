@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from selfdistill.algo.teacher_context import CUT_OFF, NO_BOXED, choose_demonstrations, grader_feedback, sdpo_contexts, teacher_prompt_ids
-from selfdistill.config import SDFT_TEMPLATE, SDPO_TEMPLATE, DistillConfig
+from selfdistill.config import SDFT_TEMPLATE, SDPO_TEMPLATE, DataConfig, DistillConfig
 from selfdistill.data import encode_prompt
 from selfdistill.data.example import Example
 from selfdistill.models.tokenizer import META_OPEN, build_char_tokenizer
@@ -59,7 +59,7 @@ def test_teacher_prompt_splices_the_exact_token_ids_of_the_context():
 
 def test_teacher_prompt_renders_the_chat_template_like_the_student_prompt():
     ex = Example(id="q", prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1"}], gold="2")
-    ids = teacher_prompt_ids(TOK, ex, SDFT_TEMPLATE, _ids("1+1=2. \\boxed{2}"), system_prompt="ignored: the row has one")
+    ids = teacher_prompt_ids(TOK, ex, SDFT_TEMPLATE, _ids("1+1=2. \\boxed{2}"), data=DataConfig(system_prompt="ignored: the row has one"))
     expected = TOK.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": SDFT_TEMPLATE.format(
         prompt="1+1", demonstration="1+1=2. \\boxed{2}")}], add_generation_prompt=True, tokenize=False)
     assert TOK.decode(ids) == expected

@@ -30,13 +30,15 @@ def meta_modes_for_group(cfg: Config) -> list[MetaMode]:
 
 
 def generate_group_rollouts(backend, prompts: list[list[int]], cfg: Config, seeds: list[int] | None = None) -> RolloutBatch:
-    """n rollouts per prompt; `seeds` (one per prompt) seeds rollout j of prompt i with (seeds[i], j)."""
-    n = cfg.rollout.n
+    """n rollouts per prompt; `seeds` (one per prompt) seeds rollout j of prompt i with (seeds[i], j).
+    The n rows of a prompt are contiguous, so the backend prefills their shared prompt once."""
+    n, r = cfg.rollout.n, cfg.rollout
     modes = meta_modes_for_group(cfg) * len(prompts)
     batch = backend.generate(
-        [p for p in prompts for _ in range(n)], modes, max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        [p for p in prompts for _ in range(n)], modes, max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature, top_p=r.top_p,
         seeds=[rollout_seed(s, j) for s in seeds for j in range(n)] if seeds is not None else None,
+        max_rows_per_call=r.max_rows_per_call, compile=r.compile,
     )
     batch.group_ids = torch.arange(len(prompts)).repeat_interleave(n)
     return batch

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from selfdistill.config import DataConfig
 from selfdistill.data import chat_prompt_text
 from selfdistill.data.example import Example
 from selfdistill.rewards.grader import extract_boxed_answer
@@ -60,16 +61,17 @@ def grader_feedback(pieces: Sequence[str], truncated: bool) -> Optional[str]:
 
 
 def teacher_prompt_ids(tokenizer, example: Example, template: str, context_ids: list[int], *,
-                       system_prompt: Optional[str] = None, max_tokens: Optional[int] = None) -> list[int]:
+                       data: Optional[DataConfig] = None, max_tokens: Optional[int] = None) -> list[int]:
     """Token ids of `example`'s teacher prompt with the context `context_ids` in the template's
-    `{demonstration}` or `{feedback}` slot; the last `max_tokens` of them."""
+    `{demonstration}` or `{feedback}` slot; the last `max_tokens` of them. `data`: the run's data config
+    (system prompt, chat template and its kwargs, as for the student's prompt)."""
     messages = [dict(m) for m in example.prompt]
     last_user = next((k for k in range(len(messages) - 1, -1, -1) if messages[k]["role"] == "user"), None)
     if last_user is None:
         raise ValueError(f"row {example.id!r}: the prompt has no user message to build the teacher prompt from")
     question = messages[last_user]["content"]
     messages[last_user]["content"] = _SLOT.sub(lambda m: question if m.group(1) == "prompt" else _SENTINEL, template)
-    text = chat_prompt_text(tokenizer, messages, system_prompt)
+    text = chat_prompt_text(tokenizer, messages, data or DataConfig())
     head, found, tail = text.partition(_SENTINEL)
     if not found or _SENTINEL in tail:
         raise ValueError(f"teacher template {template!r} must hold exactly one {{demonstration}} or {{feedback}} slot "
@@ -98,7 +100,7 @@ class SDPOContexts:
 
 
 def sdpo_contexts(batch: RolloutBatch, grades: torch.Tensor, examples: list[Example], tokenizer, meta_ids: tuple[int, int],
-                  distill, system_prompt: Optional[str]) -> SDPOContexts:
+                  distill, data: Optional[DataConfig]) -> SDPOContexts:
     """SDPO's teacher prompt for every rollout of the batch (rollout i belongs to group
     `batch.group_ids[i]`, whose prompt is `examples[group]`)."""
     groups = batch.group_ids.tolist()
@@ -118,7 +120,7 @@ def sdpo_contexts(batch: RolloutBatch, grades: torch.Tensor, examples: list[Exam
         else:
             template = None
         prompts.append(None if template is None else teacher_prompt_ids(
-            tokenizer, ex, template, context, system_prompt=system_prompt, max_tokens=distill.max_teacher_prompt_tokens))
+            tokenizer, ex, template, context, data=data, max_tokens=distill.max_teacher_prompt_tokens))
         is_demo.append(j is not None)
         is_feedback.append(j is None and message is not None)
     return SDPOContexts(prompts, torch.tensor(is_demo, dtype=torch.bool), torch.tensor(is_feedback, dtype=torch.bool))

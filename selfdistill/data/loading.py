@@ -5,19 +5,34 @@ One row:
     prompt: [{"role": system|user|assistant, "content": str}, ...]   required, non-empty
     ability: str                                        optional, default "math"
     demonstration: str                                  optional, SDFT's teacher context (else extra_info.solution)
-    reward_model: {"ground_truth": str | int, ...}      required (`style` and other keys ignored)
-    extra_info: {"id": str | int,                       required, unique within the file
+    reward_model: {"ground_truth": str | int | float | decimal, ...}   required (other keys ignored)
+    extra_info: {"id": str | int,                       the row id, unique within the file;
+                 "index": int | str,                    verl's preprocess scripts write this instead:
+                                                        the id when there is no "id"
                  "domain": str,                         optional, default "unknown"
                  "difficulty": str | int | float,       optional (kept as a string)
                  "solution": str,                       optional, worked solution for SFT
                  ...}                                   other keys are kept in Example.extra
 Other top-level columns are ignored.
 
+Numeric ground truths become text (the grader and the decoys read text): an integer as `str(int)`;
+a float as the shortest decimal that reads back as the same float64, positional (never an
+exponent) and without a trailing `.0` (`2.5` -> "2.5", `3.0` -> "3", `1e-05` -> "0.00001"): a float
+keeps no spelling, so this is the one text that names exactly its value, and a whole-number float
+(an integer column upcast by pandas) reads as the integer it held. A decimal (parquet decimal128)
+keeps its own digits (`2.50` -> "2.50"). Strings are kept as written (stripped).
+
 Validation is per row and fails loudly: a bad row raises DataError naming the file, the row index
 (0-based; JSONL also gives the 1-based line) and the field, what was expected and what was found.
-Gold is never coerced from a float (2.50 vs 2.5 changes the decoy and the grader's input), and a
-null means "absent" only for optional fields. The decoy (SPEC section 3) is built here, once per
-row; a row whose decoy cannot be built is rejected.
+A null means "absent" only for optional fields.
+
+Decoys (SPEC section 3) are built lazily: each Example carries (gold, decoy_seed) and builds its
+decoy the first time `Example.decoy` is read (by the scorer, for a row a meta arm samples), then
+keeps it; identical golds share the math-verify work (selfdistill.data.decoys caches per gold).
+Building every decoy at load costs several math-verify parses and verifications per distinct gold
+(benchmarks/bench_data_load.py), which arms that never score (base, cf, asym_cf) and evaluation
+never need. The cost of deferring: a row whose gold has no valid decoy is rejected when its decoy
+is first needed, not at load, with the same error naming the file, row index and id.
 """
 
 from __future__ import annotations
@@ -25,20 +40,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
 
-from selfdistill.data.decoys import DecoyError, make_decoy
-from selfdistill.data.example import Example
+import numpy as np
 
-__all__ = ["DataError", "load_examples", "save_examples"]
+from selfdistill.data.example import DataError, Example
+
+__all__ = ["DataError", "load_examples", "numeric_answer_text", "save_examples"]
 
 ROLES = ("system", "user", "assistant")
 _EXTRA_INFO_FIELDS = ("id", "domain", "difficulty", "solution")
-
-
-class DataError(ValueError):
-    """A dataset file or row does not follow the schema (SPEC section 9)."""
 
 
 def _fmt(value: Any) -> str:
@@ -141,30 +154,45 @@ def _prompt(value: Any, row: _Row) -> list[dict]:
     return messages
 
 
+def numeric_answer_text(value: int | float | Decimal) -> str:
+    """The text of a numeric ground truth (module docstring): int -> str(int); float -> shortest
+    round-trip decimal, positional, no trailing `.0`; Decimal -> its own digits, positional."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise TypeError(f"numeric_answer_text: expected an int, float or Decimal, got {type(value).__name__} {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return np.format_float_positional(value, unique=True, trim="-")
+
+
 def _gold(reward_model: Any, row: _Row) -> str:
     if not isinstance(reward_model, dict):
         raise row.error("reward_model", 'a struct {"ground_truth": ...}', reward_model)
     gt = reward_model.get("ground_truth")
     field = "reward_model.ground_truth"
+    expected = "a non-empty string or a finite number"
     if isinstance(gt, bool):
-        raise row.error(field, "a non-empty string or an integer", gt)
-    if isinstance(gt, int):
-        return str(gt)
-    if isinstance(gt, float):
-        raise row.error(field, "a non-empty string or an integer (store decimals as strings, "
-                        "e.g. '2.50', so the exact spelling is kept)", gt)
+        raise row.error(field, expected, gt)
+    if isinstance(gt, (float, Decimal)) and not math.isfinite(gt):
+        raise row.error(field, expected, gt)
+    if isinstance(gt, (int, float, Decimal)):
+        return numeric_answer_text(gt)
     if not isinstance(gt, str) or not gt.strip():
-        raise row.error(field, "a non-empty string or an integer", gt)
+        raise row.error(field, expected, gt)
     return gt.strip()
 
 
-def _id(value: Any, row: _Row) -> str:
+def _id(info: dict, row: _Row) -> str:
+    """`extra_info.id`, or verl's `extra_info.index` when there is no id."""
+    field = "extra_info.id" if info.get("id") is not None or info.get("index") is None else "extra_info.index"
+    value = info.get(field.split(".")[1])
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, str) and value.strip():
         return value
-    raise row.error("extra_info.id", "a non-empty string or an integer, unique within the file "
-                    "(verl preprocess scripts write extra_info.index; rename it to id)", value)
+    raise row.error(field, "a non-empty string or an integer, unique within the file (extra_info.id, or "
+                    "extra_info.index as verl's preprocess scripts write it)", value)
 
 
 def _difficulty(value: Any, row: _Row) -> str | None:
@@ -196,30 +224,26 @@ def _example(raw: Any, row: _Row, decoy_seed: int) -> Example:
     info = raw.get("extra_info")
     if not isinstance(info, dict):
         raise row.error("extra_info", 'a struct {"id", "domain", "difficulty", ...}', info)
-    ex_id = _id(info.get("id"), row)
+    ex_id = _id(info, row)
     domain = _optional_str(info.get("domain"), "extra_info.domain", row, "unknown")
     difficulty = _difficulty(info.get("difficulty"), row)
     solution = _optional_str(info.get("solution"), "extra_info.solution", row, None)
     demonstration = _optional_str(raw.get("demonstration"), "demonstration", row, None)
     # Parquet structs give every row every key (null where absent): drop nulls so JSONL and
-    # parquet load to the same Example.
-    extra = {k: v for k, v in info.items() if k not in _EXTRA_INFO_FIELDS and v is not None}
+    # parquet load to the same Example. verl's `index` is the id when there is no `id`.
+    skip = _EXTRA_INFO_FIELDS + (("index",) if info.get("id") is None else ())
+    extra = {k: v for k, v in info.items() if k not in skip and v is not None}
     _check_finite(extra, "extra_info", row)
-    try:
-        decoy = make_decoy(gold, decoy_seed)
-    except DecoyError as e:
-        raise DataError(f"{row.where()}: field 'reward_model.ground_truth': row id {ex_id!r} is "
-                        f"rejected, no decoy can be built (SPEC section 3): {e}") from e
     return Example(id=ex_id, prompt=prompt, gold=gold, data_source=data_source, ability=ability,
-                   domain=domain, difficulty=difficulty, decoy=decoy, solution=solution,
-                   demonstration=demonstration, extra=extra)
+                   domain=domain, difficulty=difficulty, solution=solution, demonstration=demonstration,
+                   extra=extra, decoy_seed=decoy_seed, origin=row.where())
 
 
 def load_examples(path: str | os.PathLike, decoy_seed: int = 42) -> list[Example]:
     """Read and validate every row of a .parquet (verl schema) or .jsonl file (SPEC section 9).
 
     Raises DataError on the first bad row, on duplicate ids (naming both rows) and on an empty
-    file. Each Example carries its decoy, built from (gold, decoy_seed).
+    file. Each Example builds its decoy from (gold, decoy_seed) when it is first read.
     """
     path = Path(path)
     if not path.is_file():
@@ -259,7 +283,7 @@ def _to_row(ex: Example) -> dict:
 def save_examples(examples: list[Example], path: str | os.PathLike) -> None:
     """Write examples as .parquet (verl schema) or .jsonl; `load_examples` reads them back equal.
 
-    The decoy is not stored: it is a function of (gold, seed) and is rebuilt at load.
+    The decoy is not stored: it is a function of (gold, seed) and is rebuilt after loading.
     """
     path = Path(path)
     fmt = _format_of(path)

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from selfdistill.config import Config, StageOptimConfig
+from selfdistill.engine.memory import LOW_PRECISION, enable_activation_checkpointing, enable_autocast, warn_low_precision_training
 from selfdistill.optim import build_optimizer
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16}
@@ -53,6 +54,7 @@ class Engine:
         self.scheduler = None
         self.skipped_steps = 0
         self._restore_dir: str | None = None  # checkpoint being resumed (its per-rank optimizer shards)
+        self._warned_precision = False
 
     @property
     def is_main(self) -> bool:
@@ -60,8 +62,11 @@ class Engine:
 
     # -- model and optimizer -------------------------------------------------------------------
     def wrap(self, model):
-        self._remember_architecture(model)
+        self._prepare(model)
         model = model.to(self.device)
+        dtype = MIXED_PRECISION[self.cfg.engine.mixed_precision]
+        if dtype is not None:  # fp32 parameters, bf16 compute (selfdistill.engine.memory)
+            enable_autocast(model, dtype, self.device.type)
         if self.distributed and self.name == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -74,7 +79,16 @@ class Engine:
     def setup_optimizer(self, stage: StageOptimConfig):
         self.stage_cfg = stage
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), stage)
+        low = [p.dtype for p in self.model.parameters() if p.requires_grad and p.dtype in LOW_PRECISION]
+        if low:
+            self._warn_low_precision(low[0])
         return self.optimizer
+
+    def _warn_low_precision(self, dtype: torch.dtype) -> None:
+        """Warn once per run that the optimizer updates bf16/fp16 weights with no fp32 master copy."""
+        if not self._warned_precision:
+            self._warned_precision = True
+            warn_low_precision_training(dtype, self.name)
 
     def unwrapped(self):
         return getattr(self.model, "module", self.model)
@@ -244,6 +258,13 @@ class Engine:
         return {n: p.detach() for n, p in self.unwrapped().named_parameters()}
 
     # -- helpers for the sharded engines -------------------------------------------------------
+    def _prepare(self, model) -> None:
+        """Before wrapping (and before any sharding): remember the architecture, apply
+        `model.gradient_checkpointing` (selfdistill.engine.memory)."""
+        self._remember_architecture(model)
+        if self.cfg.model.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+
     def _remember_architecture(self, model) -> None:
         """Class, config and dtype of the plain HF model, to rebuild an unsharded copy later."""
         self._model_cls = type(model)
@@ -340,10 +361,6 @@ def build_engine(cfg: Config) -> Engine:
         raise ValueError("engine.mixed_precision=fp16 needs dynamic loss scaling, which the guarded step does not "
                          "implement; use engine.mixed_precision=bf16 (or no)")
     if name in ("single", "ddp"):
-        if mp != "no":
-            raise ValueError(f"engine={name} computes in model.dtype and has no mixed-precision policy; "
-                             f"use engine=fsdp2 or a deepspeed engine for engine.mixed_precision={mp}, "
-                             "or set model.dtype=bfloat16 with engine.mixed_precision=no")
         if name == "single" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("engine=single under torchrun would train independent replicas; use engine=ddp, "
                              "fsdp2, deepspeed_zero2 or deepspeed_zero3")

@@ -96,7 +96,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self._remember_architecture(model)
+        self._prepare(model)
         model = model.to(self.device)
         self._broadcast_from_rank0(model)
         self.ds_config = deepspeed_config(self.cfg, _first_training_stage(self.cfg), self.zero_stage, self.world_size)
@@ -122,6 +122,8 @@ class DeepSpeedEngine(Engine):
         zero.clip_grad = float(stage.grad_clip)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lambda s, c=stage: lr_multiplier(s, c))
         self.optimizer = zero
+        if self._model_dtype != torch.float32 and not self.ds_config["bf16"]["enabled"]:
+            self._warn_low_precision(self._model_dtype)  # bf16 mode would keep fp32 master partitions
         return zero
 
     def no_sync(self):

@@ -23,6 +23,7 @@ import os
 import torch
 
 from selfdistill.engine.base import MIXED_PRECISION, Engine, ensure_process_group
+from selfdistill.rollout.lockstep import generation_lockstep
 
 
 class FSDP2Engine(Engine):
@@ -37,7 +38,7 @@ class FSDP2Engine(Engine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        self._remember_architecture(model)
+        self._prepare(model)
         model = model.to(self.device)
         self._broadcast_from_rank0(model)  # ranks seed differently: start every shard from rank 0's init
         mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -63,13 +64,16 @@ class FSDP2Engine(Engine):
     def generation_context(self):
         """Gather every group once for the whole rollout phase, free them after.
 
-        Without the gather, each decode step would all-gather every layer again (tokens x layers
-        collectives, and HF `generate` keeps the ranks in lockstep with `synced_gpus`); with it, the
-        full model is resident during generation: roughly one extra copy of the weights in
-        `param_dtype` per rank. `engine.gather_for_generation=false` chooses the former."""
+        Without the gather, each forward all-gathers every layer again (tokens x layers
+        collectives), so the ranks must run the same number of forwards: the decode loop keeps
+        them in lockstep (`selfdistill.rollout.lockstep`; a rank that is done joins its peers'
+        forwards until every rank is done). With it, the full model is resident during
+        generation: roughly one extra copy of the weights in `param_dtype` per rank.
+        `engine.gather_for_generation=false` chooses the former."""
         if not self.cfg.engine.gather_for_generation:
             try:
-                yield
+                with generation_lockstep():
+                    yield
             finally:
                 self.model.reshard()  # the root stays gathered after a forward that has no backward
             return

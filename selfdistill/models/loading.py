@@ -1,9 +1,16 @@
 """Build or load the policy: the tiny from-scratch Qwen3 model, or any HF checkpoint by path.
 
 No downloads: `model.path` must be a local directory. `trust_remote_code` stays off unless the
-config sets it. A loaded tokenizer without the meta tokens gets them as special tokens, and the
-embedding (and an untied LM head) grows by two rows initialised to the mean embedding, so the new
-tokens start as an "average" token rather than noise.
+config sets it. A loaded tokenizer without the meta tokens gets them as special tokens
+(`add_meta_tokens`). Their embedding rows (and the untied LM head's) start at the mean of the
+*trained* rows, the ones the original tokenizer uses, so the new tokens start as an "average"
+token rather than noise: on spare rows when the embedding already has rows beyond the tokenizer's
+length (Qwen3 checkpoints do: 151936 rows for 151669 tokens; spare rows are untrained and are
+left out of the mean), else on rows added by resizing the embedding.
+
+A loaded model is put in training mode (from_pretrained returns it in eval mode), as the built tiny
+model is: it is the policy, and HF activation checkpointing (`model.gradient_checkpointing`) only
+acts on modules in training mode. Rollouts and scorer passes switch to eval mode for their passes.
 """
 
 from __future__ import annotations
@@ -49,15 +56,30 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qw
 
 
 def add_meta_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Add `<|meta|>`/`<|/meta|>` when missing; new embedding rows = mean of the old ones."""
+    """Add `<|meta|>`/`<|/meta|>` when missing; their rows = the mean of the trained rows.
+
+    The trained rows are the first `len(tokenizer)` rows before the tokens are added; rows beyond
+    them are spare (untrained) and are neither averaged nor kept as the new tokens' values. The
+    embedding is resized only when the new tokens do not fit in the existing rows."""
     missing = [t for t in (META_OPEN, META_CLOSE) if t not in tokenizer.get_vocab()]
     if not missing:
         return 0
+    trained = len(tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if trained > rows:
+        raise ValueError(f"the tokenizer has {trained} tokens but the model's embedding only {rows} rows; "
+                         "the checkpoint's tokenizer and weights do not belong together")
     tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    old = model.get_input_embeddings().weight.shape[0]
-    new = len(tokenizer)
-    if new > old:
-        model.resize_token_embeddings(new, mean_resizing=True)
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set just below
+    new_ids = tokenizer.convert_tokens_to_ids(missing)
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:  # untied LM head
+        matrices.append(head.weight)
+    with torch.no_grad():
+        for w in matrices:
+            w[new_ids] = w[:trained].float().mean(0).to(w.dtype)
     return len(missing)
 
 
@@ -88,4 +110,4 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_meta_tokens(model, tokenizer)
-    return model, tokenizer
+    return model.train(), tokenizer

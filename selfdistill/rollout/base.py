@@ -56,9 +56,12 @@ class RolloutBackend(Protocol):
     def generate(
         self, prompt_ids: list[list[int]], meta_modes: list[MetaMode], *, max_new_tokens: int,
         temperature: float, top_p: float, greedy: bool = False, seeds: list[int] | None = None,
+        max_rows_per_call: int | None = None, compile: bool = False,
     ) -> RolloutBatch: ...
     # `seeds`: one per row; when given, row i's sampling depends only on seeds[i] and the model
     # (not on the batch it shares, the rank it runs on, or the global RNG).
+    # `max_rows_per_call`: generate at most this many rows at once (same tokens per row).
+    # `compile`: a compiled decode step where the backend has one (`rollout.compile`).
 
 
 def rollout_seed(*keys: int) -> int:

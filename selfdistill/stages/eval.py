@@ -48,7 +48,7 @@ def evaluate_split(ctx: StageContext, split: str, examples: list, stage: str) ->
     cfg, engine = ctx.cfg, ctx.engine
     with engine.generation_context():
         result = evaluate(ctx.backend, ctx.tokenizer, examples, ctx.grader, **sampling_settings(cfg),
-                          seed_keys=(cfg.seed, SPLIT_STREAMS[split]), system_prompt=cfg.data.system_prompt,
+                          seed_keys=(cfg.seed, SPLIT_STREAMS[split]), data=cfg.data,
                           prefix=split, rank=engine.rank, world_size=engine.world_size, gather=engine.gather_objects,
                           progress=engine.is_main and cfg.trainer.progress)
     if split == HELD_IN:

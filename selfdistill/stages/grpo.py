@@ -28,6 +28,7 @@ from selfdistill.rollout.base import RolloutBatch, rollout_seed
 from selfdistill.stages.context import StageContext
 
 SUMMED_METRICS = ("scorer/sequences", "scorer/tokens")  # per-step counts in the record (grader/* are summed too)
+TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "ratio_mean")
 
 
 @dataclass
@@ -87,7 +88,7 @@ def collect_rollouts(ctx: StageContext, num_prompts: int) -> Rollouts:
     times, t = {}, time.perf_counter()
     idx = rank_slice(ctx.sampler.next_batch(num_prompts), engine.rank, engine.world_size)
     exs = [ctx.train_set[i] for i in idx]
-    prompts = [encode_prompt(ctx.tokenizer, ex, cfg.data.system_prompt) for ex in exs]
+    prompts = [encode_prompt(ctx.tokenizer, ex, cfg.data) for ex in exs]
     # Rollouts are seeded per prompt (seed, step, position in the global batch), not by the rank's
     # RNG: the same samples for any world size, and after a resume.
     first = engine.rank * len(idx)
@@ -129,8 +130,8 @@ def update_policy(ctx: StageContext, ro: Rollouts, extra_terms: tuple[LossTerm, 
 
 
 def step_record(ctx: StageContext, ro: Rollouts, upd: dict[str, float], t0: float) -> dict:
-    """The step's metrics (TRL's names where they exist): counts summed over ranks, everything else
-    the mean of the ranks' values."""
+    """The step's metrics (TRL's names where they exist): counts summed over ranks, the update's token
+    means weighted by each rank's loss tokens, everything else the mean of the ranks' values."""
     engine, batch = ctx.engine, ro.batch
     correct = (ro.grades == 1).float()
     r = ro.heads["correctness"].view(-1, ctx.cfg.rollout.n)
@@ -141,12 +142,19 @@ def step_record(ctx: StageContext, ro: Rollouts, upd: dict[str, float], t0: floa
         "completions/clipped_ratio": float(batch.truncated.float().mean()) if batch.truncated is not None else 0.0,
         **upd, **ro.advantages.metrics, **ro.reward_metrics,
     }
-    counts = engine.reduce_sum({"ntok": int(batch.completion_mask.sum()), **ctx.grader.metrics(),
-                                **{k: record.pop(k) for k in SUMMED_METRICS if k in record}})
+    # Token means of the update (entropy, kl, clip ratios) are weighted by each rank's loss tokens,
+    # so N ranks report the token mean one process would (ranks hold different token counts).
+    loss_tokens = int(batch.loss_mask[ro.advantages.keep].sum())
+    weighted = {f"{k}@tokens": record.pop(k) * loss_tokens for k in TOKEN_MEAN_METRICS if k in record}
+    counts = engine.reduce_sum({"ntok": int(batch.completion_mask.sum()), "loss_tokens": loss_tokens, **weighted,
+                                **ctx.grader.metrics(), **{k: record.pop(k) for k in SUMMED_METRICS if k in record}})
     ntok = int(counts.pop("ntok"))  # the global batch's completion tokens
+    total_loss_tokens = counts.pop("loss_tokens")
+    token_means = {k: counts.pop(f"{k}@tokens") / total_loss_tokens for k in TOKEN_MEAN_METRICS
+                   if f"{k}@tokens" in counts and total_loss_tokens}
     ctx.state.num_tokens += ntok
     dt = time.perf_counter() - t0
-    record = {**engine.reduce_mean(record), **counts}
+    record = {**engine.reduce_mean(record), **token_means, **counts}
     record.update({"perf/step_s": dt, "perf/tokens_per_s": ntok / dt, "num_tokens": ctx.state.num_tokens,
                    "lr": engine.scheduler.get_last_lr()[0], "train/skipped_steps": engine.skipped_steps,
                    **{f"perf/{k}_s": v for k, v in ro.times.items()}})

@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> None:
         t0 = time.perf_counter()
         idx = rank_slice(ctx.sampler.next_batch(c.batch_size), engine.rank, engine.world_size)
         exs = [ctx.train_set[i] for i in idx]
-        prompts = [encode_prompt(tok, ex, cfg.data.system_prompt) for ex in exs]
+        prompts = [encode_prompt(tok, ex, cfg.data) for ex in exs]
         teacher_prompts = [_teacher_prompt(ctx, ex, demos[i]) for i, ex in zip(idx, exs)]
         if cfg.algo.sdft.mode == "offline":
             with frozen.scoring_model() as model:  # every rank enters (a sharded copy is gathered)
@@ -102,7 +102,7 @@ def run(ctx: StageContext) -> None:
 def _teacher_prompt(ctx: StageContext, example, demonstration: str) -> list[int]:
     d = ctx.cfg.algo.distill
     return teacher_prompt_ids(ctx.tokenizer, example, d.template, text_ids(ctx.tokenizer, demonstration),
-                              system_prompt=ctx.cfg.data.system_prompt, max_tokens=d.max_teacher_prompt_tokens)
+                              data=ctx.cfg.data, max_tokens=d.max_teacher_prompt_tokens)
 
 
 def _eval_completions(ctx: StageContext, frozen: SelfTeacher, rows, demos) -> tuple[list, list]:
@@ -111,7 +111,7 @@ def _eval_completions(ctx: StageContext, frozen: SelfTeacher, rows, demos) -> tu
     engine, tok = ctx.engine, ctx.tokenizer
     keep = len(rows) - len(rows) % engine.world_size
     mine = rank_slice(list(zip(rows[:keep], demos[:keep])), engine.rank, engine.world_size)
-    prompts = [encode_prompt(tok, ex, ctx.cfg.data.system_prompt) for ex, _ in mine]
+    prompts = [encode_prompt(tok, ex, ctx.cfg.data) for ex, _ in mine]
     with frozen.scoring_model() as model:
         completions = sdft.generate(build_rollout_backend(ctx.cfg.rollout.backend, model, tok),
                                     [_teacher_prompt(ctx, ex, demo) for ex, demo in mine],

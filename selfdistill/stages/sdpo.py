@@ -40,7 +40,7 @@ def run(ctx: StageContext) -> None:
         t0 = time.perf_counter()
         ro = collect_rollouts(ctx, c.batch_size)
         t = time.perf_counter()
-        contexts = sdpo_contexts(ro.batch, ro.grades, ro.examples, ctx.tokenizer, ctx.meta_ids, d, cfg.data.system_prompt)
+        contexts = sdpo_contexts(ro.batch, ro.grades, ro.examples, ctx.tokenizer, ctx.meta_ids, d, cfg.data)
         kept = ro.advantages.keep
         sub, _ = select_rows(ro.batch, ro.advantages.tokens, kept)  # the rows update_policy trains on, in order
         prompts = [p for p, k in zip(contexts.prompts, kept.tolist()) if k]

@@ -30,7 +30,7 @@ def run(ctx: StageContext) -> None:
         missing = [ex.id for ex in exs if not ex.solution]
         if missing:
             raise ValueError(f"sft needs worked solutions; rows {missing[:3]} have none (extra_info.solution)")
-        prompts = [encode_prompt(ctx.tokenizer, ex, ctx.cfg.data.system_prompt) for ex in exs]
+        prompts = [encode_prompt(ctx.tokenizer, ex, ctx.cfg.data) for ex in exs]
         completions = encode_solutions(ctx.tokenizer, [ex.solution for ex in exs])
         chunks = row_chunks(len(exs), c.micro_batch_size)  # equal rows per rank: equal chunk counts
         global_ntok = int(engine.reduce_sum({"ntok": sum(len(x) for x in completions)})["ntok"])
