@@ -52,7 +52,11 @@ def pmi_aggregate(d: Tensor, mask: Tensor, agg: str) -> Tensor:
         return masked_sum(dc, mask)
     if agg == "mean_min":
         return masked_mean(dc, mask) + MIN_WEIGHT * masked_min(dc, mask)
-    raise ValueError(f"pmi agg {agg!r} is not valid; choose one of {', '.join(PMI_AGGS)} (config reward.agg)")
+    raise _bad_agg(agg)
+
+
+def _bad_agg(agg: str) -> ValueError:
+    return ValueError(f"pmi agg {agg!r} is not valid; choose one of {', '.join(PMI_AGGS)} (config reward.agg)")
 
 
 def pmi_reward(
@@ -104,20 +108,12 @@ def _fused_aggregate(logp: Tensor, logp_without: Tensor, mask: Tensor, agg: str)
         return ops.dispatched_clipped_mean_min(logp, mask, DIFF_CLIP, 0.0, minus=logp_without) * mask.sum(-1)
     if agg == "mean_min":
         return ops.dispatched_clipped_mean_min(logp, mask, DIFF_CLIP, MIN_WEIGHT, minus=logp_without)
-    raise ValueError(f"pmi agg {agg!r} is not valid; choose one of {', '.join(PMI_AGGS)} (config reward.agg)")
+    raise _bad_agg(agg)
 
 
-def pmi_fused(
-    logp_real: Tensor,
-    logp_without: Tensor,
-    logp_placebo: Tensor,
-    cont_mask: Tensor,
-    correct: Tensor,
-    agg: str = "mean",
-    *,
-    member: Tensor,
-) -> Tensor:
-    """`pmi_reward` through the dispatched row reductions: the three log-prob sets [R, T] (fp32 fused
+def pmi_fused(logp_real: Tensor, logp_without: Tensor, logp_placebo: Tensor, cont_mask: Tensor, correct: Tensor,
+              agg: str = "mean", *, member: Tensor) -> Tensor:
+    """`pmi_reward` (same parameters) through the dispatched row reductions: the three log-prob sets [R, T] (fp32 fused
     token log-probs, on the scorer's device), cont_mask [R, T], correct and member bool [R].
     Returns float64 [R] on that device."""
     if not (logp_real.shape == logp_without.shape == logp_placebo.shape) or logp_real.dim() != 2:

@@ -61,15 +61,9 @@ def pmi_shift_reward(
     return apply_membership(r, member, "pmi_shift_reward")
 
 
-def pmi_shift_fused(
-    belief_open: Tensor,
-    belief_close: Tensor,
-    *,
-    member: Tensor,
-    scale: float = DEFAULT_SCALE,
-    eps: float = DEFAULT_EPS,
-) -> Tensor:
-    """`pmi_shift_reward` through `ops.dispatched_belief_shift` (the backend's float64 kernel: the
+def pmi_shift_fused(belief_open: Tensor, belief_close: Tensor, *, member: Tensor, scale: float = DEFAULT_SCALE,
+                    eps: float = DEFAULT_EPS) -> Tensor:
+    """`pmi_shift_reward` (same parameters) through `ops.dispatched_belief_shift` (the backend's float64 kernel: the
     clipped shift and the flips at +-eps); the bonus and penalty are added in float64 here.
     Beliefs [R] on the scorer's device (float64 from `ops.dispatched_gold_decoy_contrast`);
     returns float64 [R] there, NaN for non-members."""
