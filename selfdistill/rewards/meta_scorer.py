@@ -39,7 +39,7 @@ fused-linear token log-probs; the entry's `fused_fn` then reduces them with the 
 kernels in float64 (every backend: `ops.backend`). The reference path (`fused=False`, or an entry
 without a `fused_fn`): one fused-linear log-prob per read, the first divergent position's decoy token
 included (a full vocabulary pass, read from the gold pass's row), then the entry's float64 `meta_fn`.
-Both give the head within fp32 rounding of each other (tests/test_meta_scorer.py).
+Both give the head within fp32 rounding of each other (tests/test_rewards_fused.py).
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ from selfdistill.rewards.registry import (
 from selfdistill.rewards.scorer_passes import (  # noqa: F401  (TeacherForcedPasses, limits: importable here)
     MAX_BATCH_SIZE,
     MAX_BATCH_TOKENS,
-    SCORER_TEMPERATURE,
     HiddenStates,
     TeacherForcedPasses,
     TokenLogprobs,
