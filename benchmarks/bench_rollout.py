@@ -99,8 +99,9 @@ def workload(shape: str, tok, args) -> tuple[list[list[int]], list[int], int]:
     small = shape != "tiny" and args.device == "cpu"
     prompts_n = args.small_prompts if small else args.prompts
     max_new = args.small_max_new_tokens if small else args.max_new_tokens
-    train, _ = load_splits(DataConfig())
-    prompts = [encode_prompt(tok, ex, None) for ex in train[:prompts_n]]
+    data = DataConfig()
+    train, _ = load_splits(data)
+    prompts = [encode_prompt(tok, ex, data) for ex in train[:prompts_n]]
     rows = [p for p in prompts for _ in range(args.n)]
     return rows, [1000 + i for i in range(len(rows))], max_new
 

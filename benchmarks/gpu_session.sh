@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU session for the open kernel / engine measurements (issues #5 and #6): device
+# One prepared GPU session for the open kernel / engine measurements (issues #5, #6 and #15): device
 # correctness checks first, then every kernel benchmark at the real shapes (eager providers and the
-# kernels), bench_step for the two sharded engines, and last the torch.compile provider of the kernel
-# benchmarks (the slowest to start and only a comparison point). Every result is a JSON file under
-# $OUT (default gpu_out/), plus log.txt: 8 files at most, what the device tool brings back.
+# kernels), the scorer's LM-head work before / after the contrast kernels (bench_scoring), bench_step
+# for the two sharded engines, and last the torch.compile provider of the kernel benchmarks (the
+# slowest to start and only a comparison point). Results under $OUT (default gpu_out/), at most 8
+# files (what the device tool brings back): gpu_checks.json; kernels.json, every kernel benchmark's
+# document under its name ({"benchmarks": {"token_logprobs": {...}, ...}}; the scripts write their
+# own files row by row under $WORK, merged into kernels.json after every step); scoring.json; one
+# bench_step_<engine>.json per engine; log.txt.
 #
 #     bash benchmarks/gpu_wheels.sh                          # here, once: wheels the GPU machine may lack -> .whl/
 #     OUT=/path bash benchmarks/gpu_session.sh all           # on the GPU machine (device run, carry=[".whl"])
@@ -33,16 +37,18 @@ BUDGET_S=${BUDGET_S:-570}
 MIN_STEP_S=${MIN_STEP_S:-10}
 SITE=${SITE:-/tmp/selfdistill_site}
 WHEELS=${WHEELS:-$ROOT/.whl}  # set WHEELS=none to install no wheels (a rehearsal where the packages are installed)
+WORK=${WORK:-/tmp/selfdistill_session_work}  # the kernel benchmarks' own files, merged into $OUT/kernels.json
 # the csrc JIT build's cache; torch leaves a `lock` file there when a build is killed, and every later
 # load would wait on it for ever: the session removes those after each step (steps run one at a time)
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/selfdistill_torch_extensions}
-KERNELS=(token_logprobs fused_linear contrast policy_loss)
+KERNELS=(token_logprobs fused_linear contrast policy_loss topk_distill)
 ENGINES=(fsdp2 deepspeed_zero3)
-declare -A SHARES=([setup]=30 [gpu_checks]=130 [bench_token_logprobs]=40 [bench_fused_linear]=70 [bench_contrast]=30
-                   [bench_policy_loss]=30 [bench_step_fsdp2]=90 [bench_step_deepspeed_zero3]=90 [torch_compile]=60)
+declare -A SHARES=([setup]=30 [gpu_checks]=120 [bench_token_logprobs]=35 [bench_fused_linear]=60 [bench_contrast]=30
+                   [bench_policy_loss]=25 [bench_topk_distill]=45 [bench_scoring]=40 [bench_step_fsdp2]=70
+                   [bench_step_deepspeed_zero3]=70 [torch_compile]=45)
 case "$PART" in
-  all) STEPS=(setup gpu_checks "${KERNELS[@]/#/bench_}" "${ENGINES[@]/#/bench_step_}" torch_compile) ;;
-  kernels) STEPS=(setup gpu_checks "${KERNELS[@]/#/bench_}" torch_compile) ;;
+  all) STEPS=(setup gpu_checks "${KERNELS[@]/#/bench_}" bench_scoring "${ENGINES[@]/#/bench_step_}" torch_compile) ;;
+  kernels) STEPS=(setup gpu_checks "${KERNELS[@]/#/bench_}" bench_scoring torch_compile) ;;
   steps) STEPS=(setup "${ENGINES[@]/#/bench_step_}") ;;
   compile-only) STEPS=() ;;  # internal: the torch_compile step's body (run under its time limit)
   *) echo "usage: OUT=dir bash benchmarks/gpu_session.sh all|kernels|steps" >&2; exit 2 ;;
@@ -68,7 +74,14 @@ except ValueError as e:
 name = os.path.basename(sys.argv[1])
 runs = doc.get("runs") or [{}]
 cut = "" if runs[-1].get("complete", True) else ", last run cut short"
-if "checks" in doc:
+if "benchmarks" in doc:
+    parts = []
+    for kernel, sub in doc["benchmarks"].items():
+        sub_runs = sub.get("runs") or [{}]
+        parts.append(f"{kernel} {len(sub.get('rows', []))} rows ({sum('error' in r for r in sub.get('rows', []))} errors"
+                     + ("" if sub_runs[-1].get("complete", True) else ", cut") + ")")
+    print(f"{name}: " + (", ".join(parts) or "no benchmark yet"))
+elif "checks" in doc:
     bad = [c["check"] for c in doc["checks"] if not c["ok"]]
     print(f"{name}: {len(doc['checks']) - len(bad)}/{len(doc.get('planned') or doc['checks'])} checks passed"
           + (f", failed: {' '.join(bad)}" if bad else "") + cut)
@@ -149,24 +162,48 @@ PY
   log "step setup: ok in $(( $(date +%s) - T0 ))s; $(echo "$imports" | tail -1)"
 }
 
+collect() {  # the kernel benchmarks' files under $WORK -> $OUT/kernels.json, one document per kernel (atomic)
+  "$PY" - "$WORK" "$OUT/kernels.json" "${KERNELS[@]}" <<'PY'
+import json, os, sys
+work, out, kernels = sys.argv[1], sys.argv[2], sys.argv[3:]
+merged = {"benchmarks": {}}
+for kernel in kernels:
+    path = os.path.join(work, f"bench_{kernel}.json")
+    try:
+        merged["benchmarks"][kernel] = json.load(open(path))
+    except (OSError, ValueError):
+        pass  # not run yet (or cut before its first write)
+tmp = f"{out}.tmp"
+json.dump(merged, open(tmp, "w"), indent=1)
+os.replace(tmp, out)
+PY
+}
+
+csrc_built() {  # did gpu_checks build the csrc extension?
+  "$PY" -c "import json, sys; sys.exit(not any(c['check'] == 'csrc/build' and c['ok'] for c in json.load(open(sys.argv[1]))['checks']))" \
+    "$OUT/gpu_checks.json" 2>/dev/null
+}
+
 kernel_benches() {  # eager providers and the kernels; torch.compile comes in its own step, last
   local kernel exclude=torch_compile
-  if ! "$PY" -c "import json, sys; sys.exit(not any(c['check'] == 'csrc/build' and c['ok'] for c in json.load(open(sys.argv[1]))['checks']))" \
-       "$OUT/gpu_checks.json" 2>/dev/null; then
-    exclude+=,cuda  # a build that failed or ran out of time would be tried again, and cut again, in every step
+  if ! csrc_built; then
+    exclude+=,cuda,after_cuda  # a build that failed or ran out of time would be tried again, and cut again, in every step
     log "csrc/build did not pass in gpu_checks: the benchmarks run without the cuda provider"
   fi
   for kernel in "${KERNELS[@]}"; do
-    step "bench_$kernel" "$OUT/bench_$kernel.json" "$PY" "$ROOT/benchmarks/bench_$kernel.py" --device "$DEVICE" "${SHAPES[@]}" \
-      --exclude "$exclude" --json "$OUT/bench_$kernel.json"
+    step "bench_$kernel" "$WORK/bench_$kernel.json" "$PY" "$ROOT/benchmarks/bench_$kernel.py" --device "$DEVICE" "${SHAPES[@]}" \
+      --exclude "$exclude" --json "$WORK/bench_$kernel.json"
+    collect
   done
+  step bench_scoring "$OUT/scoring.json" "$PY" "$ROOT/benchmarks/bench_scoring.py" --device "$DEVICE" "${SHAPES[@]}" \
+    --exclude "$exclude" --json "$OUT/scoring.json"
 }
 
 compile_benches() {  # the torch_compile step's body: its rows added to each kernel's file, in order, until cut
   local kernel
   for kernel in "${KERNELS[@]}"; do
     "$PY" "$ROOT/benchmarks/bench_$kernel.py" --device "$DEVICE" "${SHAPES[@]}" --providers torch_compile --append \
-      --json "$OUT/bench_$kernel.json" || return
+      --json "$WORK/bench_$kernel.json" || return
   done
 }
 
@@ -181,6 +218,7 @@ step_benches() {
 }
 
 if [ "$PART" = compile-only ]; then compile_benches; exit; fi
+[ "$PART" != steps ] && rm -rf "$WORK" && mkdir -p "$WORK"  # a warm machine may hold an earlier session's files
 log "session $PART on $DEVICE: budget ${BUDGET_S}s; deadlines: $(for s in "${STEPS[@]}"; do echo -n "$s +$(( DEADLINE[$s] - T0 ))s "; done)"
 setup
 if [ "$PART" != steps ]; then
@@ -189,8 +227,10 @@ if [ "$PART" != steps ]; then
 fi
 if [ "$PART" != kernels ]; then step_benches; fi
 if [ "$PART" != steps ]; then
-  step torch_compile "$(for k in "${KERNELS[@]}"; do echo -n "$OUT/bench_$k.json "; done)" \
-    env OUT="$OUT" DEVICE="$DEVICE" PYTHON="$PY" bash "$ROOT/benchmarks/gpu_session.sh" compile-only
+  step torch_compile "$(for k in "${KERNELS[@]}"; do echo -n "$WORK/bench_$k.json "; done)" \
+    env OUT="$OUT" WORK="$WORK" DEVICE="$DEVICE" PYTHON="$PY" bash "$ROOT/benchmarks/gpu_session.sh" compile-only
+  collect
+  log "step torch_compile: merged; $(summary "$OUT/kernels.json")"
 fi
 log "done $PART in $(( $(date +%s) - T0 ))s (budget ${BUDGET_S}s); results: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $SESSION_RC

@@ -15,7 +15,7 @@ TRITON_INTERPRET=1 was set before this package was first imported (tests; slow).
 # empty: triton is not imported, no kernel is compiled before TRITON_INTERPRET is decided, and
 # transformers sees no version and treats the hub package as absent.
 if __name__ == "selfdistill.kernels":
-    from selfdistill.kernels.contrast import clipped_mean_min, gold_decoy_contrast
+    from selfdistill.kernels.contrast import belief_shift, clipped_mean_min, gold_decoy_contrast
     from selfdistill.kernels.fused_linear import fused_linear_token_logprobs
     from selfdistill.kernels.policy_loss import policy_loss
     from selfdistill.kernels.token_logprobs import token_logprobs
@@ -24,6 +24,7 @@ if __name__ == "selfdistill.kernels":
 
     __all__ = [
         "INTERPRETED",
+        "belief_shift",
         "clipped_mean_min",
         "fused_linear_token_logprobs",
         "fused_linear_topk_distill",

@@ -18,12 +18,13 @@ from selfdistill.ops import logprob_host
 
 
 def fused_linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, chunk_rows: int = 1024
+    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, chunk_rows: int = 1024, *,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton `fused_linear_token_logprobs`: `token_logprobs(hidden @ weight.T, targets)` without [N, V].
+    """Triton `fused_linear_token_logprobs`: `token_logprobs(hidden @ weight.T + bias, targets)` without [N, V].
 
-    hidden [N, H], weight [V, H] (same dtype), targets [N]; returns fp32 (logp [N], entropy [N]),
-    differentiable w.r.t. hidden and weight. `chunk_rows` bounds the logits tile.
+    hidden [N, H], weight [V, H] (same dtype), optional bias [V], targets [N]; returns fp32 (logp [N],
+    entropy [N]), differentiable w.r.t. hidden, weight and bias. `chunk_rows` bounds the logits tile.
     """
-    check_launchable("fused_linear_token_logprobs", hidden, weight, targets)
-    return logprob_host.fused_linear_token_logprobs(TritonLaunchers, hidden, weight, targets, temperature, chunk_rows)
+    check_launchable("fused_linear_token_logprobs", hidden, weight, targets, *(() if bias is None else (bias,)))
+    return logprob_host.fused_linear_token_logprobs(TritonLaunchers, hidden, weight, targets, temperature, chunk_rows, bias)

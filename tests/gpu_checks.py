@@ -55,19 +55,22 @@ def max_error(a, b) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
-def compare(impl, ref, ref64, inputs) -> list[dict]:
+def compare(impl, ref, ref64, inputs, grad_of=None) -> list[dict]:
     """impl / ref (torch fp32) / ref64 (fp64 math): fn(*inputs) -> tuple of outputs. Errors of every
-    output and of the gradients of sum_k <out_k, w_k> (fixed random w) w.r.t. every input."""
+    output and of the gradients of sum_k <out_k, w_k> (fixed random w) w.r.t. the inputs whose
+    indices `grad_of` lists (all by default; () for an op without gradients, e.g. a reward)."""
     import torch
 
+    grad_of = range(len(inputs)) if grad_of is None else grad_of
     outs = {}
     for label, fn, cast in (("impl", impl, None), ("fp32", ref, None), ("fp64", ref64, torch.float64)):
-        xs = [(t.detach().to(cast) if cast else t.detach().clone()).requires_grad_(True) for t in inputs]
+        xs = [(t.detach().to(cast) if cast else t.detach().clone()).requires_grad_(i in grad_of) for i, t in enumerate(inputs)]
         y = fn(*xs)
-        g = torch.Generator(device="cpu").manual_seed(1)
-        loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in y)
-        loss.backward()
-        outs[label] = ([o.detach() for o in y], [x.grad.detach() for x in xs])
+        if grad_of:
+            g = torch.Generator(device="cpu").manual_seed(1)
+            loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in y)
+            loss.backward()
+        outs[label] = ([o.detach() for o in y], [xs[i].grad.detach() for i in grad_of])
     errors = []
     for kind, k in (("out", 0), ("grad", 1)):
         for j, (a, b, c) in enumerate(zip(outs["impl"][k], outs["fp32"][k], outs["fp64"][k])):
@@ -81,7 +84,7 @@ def define_checks(device: str) -> list[tuple[str, str | None, Callable[[], list[
     from fixed seeds, so a restarted worker checks the same numbers."""
     import torch
 
-    from selfdistill.ops import cuda_ext, reference
+    from selfdistill.ops import contrast_reference, cuda_ext, reference
 
     def triton(name):  # imported when a check runs: a failed import fails the Triton checks only
         return getattr(importlib.import_module("selfdistill.kernels"), name)
@@ -108,8 +111,8 @@ def define_checks(device: str) -> list[tuple[str, str | None, Callable[[], list[
         lp = torch.log_softmax(logits.double() / temperature, -1)
         return lp.gather(-1, targets[:, None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
 
-    def add(name, backend, impl, ref, ref64, inputs):
-        checks.append((name, backend, lambda: compare(impl, ref, ref64, inputs)))
+    def add(name, backend, impl, ref, ref64, inputs, grad_of=None):
+        checks.append((name, backend, lambda: compare(impl, ref, ref64, inputs, grad_of)))
 
     N, V, H = (9, 301, 32) if small else (2048, 32000, 1024)
     for dtype in (torch.float32, torch.bfloat16):
@@ -145,31 +148,58 @@ def define_checks(device: str) -> list[tuple[str, str | None, Callable[[], list[
                 lambda lp, e, run=run: run(reference.policy_loss, lp, e), lambda lp, e, run=run: run(reference.policy_loss, lp, e),
                 [lp0, ent])
 
+    # the scorer's contrast from hidden states: the first divergent position one dot product with
+    # W[gold] - W[decoy] (+ bias), later ones both passes' fused-linear log-probs
     R, K = (3, 5) if small else (512, 8)
     gold_ids, decoy_ids = torch.randint(0, V, (R, K), generator=gen).to(dev), torch.randint(0, V, (R, K), generator=gen).to(dev)
     divergent = torch.rand(R, K, generator=gen) < 0.7
     divergent[:, 0] = True  # every row scorable (a row without a divergent position has a NaN belief)
     divergent = divergent.to(dev)
-    gl, dl = rand(R, K, V, scale=2.0), rand(R, K, V, scale=2.0)
+    first = divergent & (divergent.long().cumsum(-1) == 1)
 
-    def contrast64(a, b):  # SPEC section 1 in fp64: first divergent position from the gold row, later ones two passes
-        first = divergent & (divergent.long().cumsum(-1) == 1)
-        za, zb = a.double(), b.double()
-        one_row = za.gather(-1, gold_ids[..., None]).squeeze(-1) - za.gather(-1, decoy_ids[..., None]).squeeze(-1)
-        two_pass = (torch.log_softmax(za, -1).gather(-1, gold_ids[..., None]).squeeze(-1)
-                    - torch.log_softmax(zb, -1).gather(-1, decoy_ids[..., None]).squeeze(-1))
-        c = torch.where(first, one_row, torch.where(divergent, two_pass, torch.zeros_like(one_row)))
+    def contrast64(gh, dh, w, b):  # SPEC section 1 in fp64: first divergent position from the gold row, later ones two passes
+        def log_softmax_at(h, ids):
+            return torch.log_softmax(h.double() @ w.double().t() + b.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
+
+        lg = log_softmax_at(gh, gold_ids)
+        ld = torch.where(first, log_softmax_at(gh, decoy_ids), log_softmax_at(dh, decoy_ids))
+        c = torch.where(divergent, lg - ld, torch.zeros_like(lg))
         return c, c.sum(-1)
 
     contrast = {"triton": lambda *a: triton("gold_decoy_contrast")(*a), "csrc": cuda_ext.gold_decoy_contrast}
-    for backend, impl in contrast.items():
-        add(f"gold_decoy_contrast/{backend}", backend, lambda a, b, impl=impl: impl(a, b, gold_ids, decoy_ids, divergent),
-            lambda a, b: reference.gold_decoy_contrast(a, b, gold_ids, decoy_ids, divergent), contrast64, [gl, dl])
-    values, members = rand(R, K, scale=2.0), divergent
-    reduction = {"triton": lambda *a: triton("clipped_mean_min")(*a), "csrc": cuda_ext.clipped_mean_min}
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = "fp32" if dtype == torch.float32 else "bf16"
+        hidden = [rand(R, K, H, dtype=dtype), rand(R, K, H, dtype=dtype), rand(V, H, scale=2 * H ** -0.5, dtype=dtype), rand(V, dtype=dtype)]
+        hidden[1] = torch.where(first.unsqueeze(-1), hidden[0], hidden[1])  # the passes agree up to the first divergent position
+        for backend, impl in contrast.items():
+            add(f"gold_decoy_contrast/{backend}/{tag}", backend,
+                lambda gh, dh, w, b, impl=impl: tuple(impl(gh, dh, w, b, gold_ids, decoy_ids, divergent)),
+                lambda gh, dh, w, b: tuple(contrast_reference.gold_decoy_contrast(gh, dh, w, b, gold_ids, decoy_ids, divergent)),
+                contrast64, hidden)
+    # the rewards' float64 row reductions: gm's difference-in-differences, PMI-shift's shift and flips
+    values, minus, members = rand(R, K, scale=2.0), rand(R, K), divergent
+    reduction = {"triton": lambda *a, **k: triton("clipped_mean_min")(*a, **k), "csrc": cuda_ext.clipped_mean_min}
     for backend, impl in reduction.items():
-        add(f"clipped_mean_min/{backend}", backend, lambda x, impl=impl: (impl(x, members),),
-            lambda x: (reference.clipped_mean_min(x, members),), lambda x: (reference.clipped_mean_min(x, members),), [values])
+        add(f"clipped_mean_min/{backend}", backend, lambda x, y, impl=impl: (impl(x, members, minus=y),),
+            lambda x, y: (contrast_reference.clipped_mean_min(x, members, minus=y),),
+            lambda x, y: (contrast_reference.clipped_mean_min(x, members, minus=y),), [values, minus])
+    beliefs = [rand(4 * R, scale=2.0, dtype=torch.float64), rand(4 * R, scale=2.0, dtype=torch.float64)]
+    beliefs[0][:3], beliefs[1][:3] = 0.0, torch.tensor([2.0, -2.5, 0.0], dtype=torch.float64)  # ties on the thresholds
+    shift = {"triton": lambda *a: triton("belief_shift")(*a), "csrc": cuda_ext.belief_shift}
+    for backend, impl in shift.items():
+        add(f"belief_shift/{backend}", backend, lambda o, c, impl=impl: impl(o, c), contrast_reference.belief_shift,
+            contrast_reference.belief_shift, beliefs, grad_of=())
+    # top-K distillation (SPEC section 6; Triton only): student and teacher hidden states and heads
+    Nk, Kk = (9, 20) if small else (2048, 100)
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = "fp32" if dtype == torch.float32 else "bf16"
+        student = [rand(Nk, H, dtype=dtype), rand(V, H, scale=3 * H ** -0.5, dtype=dtype)]
+        teacher = [(student[0].float() + 0.5 * rand(Nk, H)).to(dtype), (student[1].float() + rand(V, H, scale=0.3 * H ** -0.5)).to(dtype)]
+        add(f"topk_distill/triton/{tag}", "triton",
+            lambda h, w, th, tw: (triton("fused_linear_topk_distill")(h, w, th, tw, 1.0, Kk, True, 0.5),),
+            lambda h, w, th, tw: (reference.fused_linear_topk_distill(h, w, th, tw, 1.0, Kk, True, 0.5),),
+            lambda h, w, th, tw: (reference.fused_linear_topk_distill(h, w, th, tw, 1.0, Kk, True, 0.5),),
+            student + teacher, grad_of=(0, 1))
     # Triton first: the csrc build (a minute or more) comes after them, so a run cut short during it
     # still has every Triton result
     return sorted(checks, key=lambda check: BACKEND_ORDER.index(check[1]))

@@ -96,7 +96,7 @@ def test_sft_teaches_the_turn_end_that_stops_generation(sft_model):
     model, tok = load_model_and_tokenizer(ModelConfig(path=sft_model))
     im_end = tok.convert_tokens_to_ids(IM_END)
     assert [c[-1] for c in encode_solutions(tok, ["3+4=7. \\boxed{7}", "x"])] == [im_end, im_end]
-    assert HFRolloutBackend(model, tok).eos_id == im_end
+    assert im_end in HFRolloutBackend(model, tok).stop_ids
     assert im_end in json.load(open(os.path.join(sft_model, "generation_config.json")))["eos_token_id"]
 
 

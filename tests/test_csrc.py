@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from selfdistill import ops
-from selfdistill.ops import cuda_ext, reference
+from selfdistill.ops import contrast_reference, cuda_ext, reference
 
 
 
@@ -156,28 +156,35 @@ def test_policy_loss_empty_batch_and_dispatch(ext):
 
 
 def test_contrast_bad_ids_and_dispatch(ext):
-    """An id outside the vocabulary at a divergent position raises (CPU path) naming it; padding ids
-    off the divergent positions are never read. `ops.backend=cuda` dispatches the contrast ops here
-    (the fp64 comparisons of both are in tests/test_kernels_contrast.py)."""
+    """An id outside the vocabulary at a first divergent position raises (CPU path) naming it; ids
+    off the divergent positions are never read. `ops.backend=cuda` dispatches the contrast family
+    here: the first-position kernel, the later positions' token-logprob kernels, the float64 row
+    reduction and the shift (the fp64 comparisons are in tests/test_kernels_contrast.py)."""
     g = torch.Generator().manual_seed(2)
-    gold, decoy = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    gold, decoy = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    weight, bias = torch.randn(11, 16, generator=g), torch.randn(11, generator=g)
     divergent = torch.tensor([[False, True, True], [True, False, False]])
-    gold_ids = torch.tensor([[-1, 4, 11], [2, -1, -1]])
+    gold_ids = torch.tensor([[-1, 4, 10], [11, -1, -1]])
     decoy_ids = torch.tensor([[-1, 5, 6], [3, -1, -1]])
-    with pytest.raises(RuntimeError, match="gold id 11 at position 2 is outside the vocabulary"):
-        cuda_ext.gold_decoy_contrast(gold, decoy, gold_ids, decoy_ids, divergent)
-    gold_ids[0, 2] = 10
-    want = reference.gold_decoy_contrast(gold, decoy, gold_ids.clamp(min=0), decoy_ids.clamp(min=0), divergent)
+    with pytest.raises(RuntimeError, match="gold id 11 or decoy id 3 of first divergent position 1 is outside the vocabulary"):
+        cuda_ext.gold_decoy_contrast(gold, decoy, weight, bias, gold_ids, decoy_ids, divergent)
+    gold_ids[1, 0] = 2
+    want = contrast_reference.gold_decoy_contrast(gold, decoy, weight, bias, gold_ids.clamp(min=0), decoy_ids.clamp(min=0),
+                                                  divergent)
     try:
         ops.set_backend("cuda")
         ops.reset_call_counts()
-        got = ops.dispatched_gold_decoy_contrast(gold, decoy, gold_ids, decoy_ids, divergent)
-        did = ops.dispatched_gold_decoy_did(got[0], torch.zeros_like(got[0]), divergent)
-        assert ops.call_counts() == {("gold_decoy_contrast", "cuda"): 1, ("clipped_mean_min", "cuda"): 1}
+        got = ops.dispatched_gold_decoy_contrast(gold, decoy, weight, bias, gold_ids, decoy_ids, divergent)
+        did = ops.dispatched_gold_decoy_did(got.contrast, torch.zeros_like(got.contrast), divergent)
+        shift, flip = ops.dispatched_belief_shift(got.belief, -got.belief)
+        assert ops.call_counts() == {("gold_decoy_contrast", "cuda"): 1, ("fused_linear_token_logprobs", "cuda"): 1,
+                                     ("clipped_mean_min", "cuda"): 1, ("belief_shift", "cuda"): 1}
     finally:
         ops.set_backend("auto")
-    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
-    assert torch.allclose(did, reference.clipped_mean_min(want[0], divergent), atol=1e-6)
+    assert torch.allclose(got.contrast, want.contrast, atol=1e-6) and torch.allclose(got.belief, want.belief, atol=1e-6)
+    assert torch.allclose(did, contrast_reference.clipped_mean_min(want.contrast, divergent), atol=1e-6)
+    want_shift, want_flip = contrast_reference.belief_shift(want.belief, -want.belief)
+    assert torch.allclose(shift, want_shift, atol=1e-6) and torch.equal(flip, want_flip)
 
 
 def _cuda_host_compile_flags(tmp_path) -> list[str]:

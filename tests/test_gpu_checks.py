@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-N_CHECKS = 20  # triton/import, csrc/build, then 18 op / backend pairs
+N_CHECKS = 26  # triton/import, csrc/build, then 24 op / backend (/ dtype) checks
 
 
 def run_checks(device, out, *extra, env=None):
@@ -48,4 +48,5 @@ def test_a_failed_csrc_build_and_a_crashed_check_fail_only_themselves(tmp_path):
     assert all(rows[n]["error"] == "not run: csrc/build failed" for n in failed - {"csrc/build", "fused_linear/triton/fp32"})
     assert "died in this check" in rows["fused_linear/triton/fp32"]["error"]
     assert all(e["ok"] for name, row in rows.items() if name not in failed for e in row.get("errors", []))
-    assert "token_logprobs/triton/bf16" in rows and rows["gold_decoy_contrast/triton"]["ok"]  # ran after the crash
+    assert "token_logprobs/triton/bf16" in rows and rows["gold_decoy_contrast/triton/fp32"]["ok"]  # ran after the crash
+    assert rows["topk_distill/triton/bf16"]["ok"] and rows["belief_shift/triton"]["ok"]

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "bench_token_logprobs.py": ("token_logprobs", "torch_reference,triton,cuda", "gbps", {"fwd", "fwd_bwd"}),
     "bench_fused_linear.py": ("fused_linear_token_logprobs", "matmuls,torch_reference,triton,cuda", "tflops", {"fwd", "fwd_bwd"}),
-    "bench_contrast.py": ("gold_decoy_contrast", "torch_reference,triton,cuda", "gbps", {"fwd"}),
+    "bench_contrast.py": ("gold_decoy_contrast", "torch_two_pass,torch_reference,triton,cuda", "tflops", {"fwd"}),
     "bench_policy_loss.py": ("policy_loss", "torch_reference,triton,cuda", "gbps", {"fwd_bwd"}),
     "bench_topk_distill.py": ("topk_distill", "matmuls,torch_reference,triton", "tflops", {"fwd", "fwd_bwd"}),
 }

@@ -19,16 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NO_NVIDIA_BACKEND = 3  # exit status of the subprocess when this triton build cannot target CUDA
 
-LOGITS = {"x_ptr", "dx_ptr", "gold_ptr", "decoy_ptr", "dgold_ptr", "ddecoy_ptr"}
+LOGITS = {"x_ptr", "dx_ptr", "h_ptr", "w_ptr", "b_ptr"}
 INT64_POINTERS = {"targets_ptr", "gold_ids_ptr", "decoy_ids_ptr", "lengths_ptr", "idx_ptr"}
 FLOATS = {"inv_temperature", "clip", "min_weight", "ratio_low", "ratio_high", "dual_clip", "kl_coef", "entropy_coef", "w0", "w1",
           "log_1m_alpha", "log_alpha", "one_m_alpha", "alpha", "tail_lse_max"}
 
 
-def signature(fn, constexprs: dict) -> dict:
+def signature(fn, constexprs: dict, types: dict | None = None) -> dict:
     sig = {}
     for name in fn.arg_names:
-        if name in constexprs:
+        if types and name in types:
+            sig[name] = types[name]
+        elif name in constexprs:
             sig[name] = "constexpr"
         elif name in LOGITS:
             sig[name] = "*bf16"
@@ -65,16 +67,22 @@ def compile_all() -> int:
         return NO_NVIDIA_BACKEND
     tk, ck, pk, dk = (importlib.import_module(f"selfdistill.kernels.{m}") for m in ("token_logprobs", "contrast", "policy_loss",
                                                                                      "topk_distill"))
-    jobs = [(fn, {"BLOCK_V": 4096}, 8) for fn in (tk._token_logprobs_fwd_kernel, tk._token_logprobs_bwd_kernel,
-                                                   ck._gold_decoy_contrast_fwd_kernel, ck._gold_decoy_contrast_bwd_kernel)]
-    jobs.append((ck._clipped_mean_min_kernel, {"BLOCK_K": 16}, 4))
-    jobs += [(pk._policy_loss_fwd_kernel, consts, 4) for consts in policy_loss_variants()]
-    jobs += [(fn, {"BLOCK_V": 4096, "BLOCK_K": 128}, 8) for fn in (dk._topk_logprobs_kernel, dk._topk_distill_bwd_kernel)]
-    jobs += [(dk._topk_divergence_kernel, {"TAIL": tail, "MODE": mode, "BLOCK_K": 128}, 4) for tail in (True, False) for mode in (0, 1, 2)]
+    jobs = [(fn, {"BLOCK_V": 4096}, 8, None) for fn in (tk._token_logprobs_fwd_kernel, tk._token_logprobs_bwd_kernel)]
+    # the contrast family: bf16 hidden states and weight; float64 reductions (params, beliefs, outputs)
+    jobs += [(ck._first_position_contrast_kernel, {"HAS_BIAS": bias, "BLOCK_H": 4096}, 8, None) for bias in (True, False)]
+    fp64 = {"params_ptr": "*fp64", "out_ptr": "*fp64", "open_ptr": "*fp64", "close_ptr": "*fp64", "shift_ptr": "*fp64",
+            "flip_ptr": "*i8", "minus_ptr": "*fp32", "x_ptr": "*fp32"}
+    jobs += [(ck._clipped_mean_min_kernel, {"HAS_MINUS": minus, "BLOCK_K": 16}, 4, fp64) for minus in (True, False)]
+    jobs.append((ck._belief_shift_kernel, {"BLOCK": 256}, 4, fp64))
+    jobs += [(pk._policy_loss_fwd_kernel, consts, 4, None) for consts in policy_loss_variants()]
+    jobs += [(fn, {"BLOCK_V": 4096, "BLOCK_K": 128}, 8, None) for fn in (dk._topk_logprobs_kernel, dk._topk_distill_bwd_kernel)]
+    jobs += [(dk._topk_divergence_kernel, {"TAIL": tail, "MODE": mode, "BLOCK_K": 128}, 4, None)
+             for tail in (True, False) for mode in (0, 1, 2)]
     failures = 0
-    for fn, consts, warps in jobs:
+    for fn, consts, warps, types in jobs:
         try:
-            triton.compile(ASTSource(fn, signature(fn, consts), consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            triton.compile(ASTSource(fn, signature(fn, consts, types), consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps})
         except Exception as e:  # noqa: BLE001  (report every kernel that fails, then fail)
             failures += 1
             print(f"FAILED {fn.__name__} {consts}: {type(e).__name__}: {e}")

@@ -1,7 +1,8 @@
 """Offsets past 2**31 elements (SPEC section 8: int64 offsets) in the Triton kernels (interpreter)
 and the csrc extension's CPU path: rows that start more than 2**31 elements after the tensor's
-first element are read (token_logprobs, gold_decoy_contrast: forward and backward) and written
-(the Triton token_logprobs backward into a strided output) at the right place.
+first element are read (token_logprobs: forward and backward; gold_decoy_contrast: the LM-head rows
+its first-position kernel reads by token id) and written (the Triton token_logprobs backward into a
+strided output) at the right place.
 
 The rows are views into one 2**32-element bf16 buffer: 8 GB of address space, of which only the
 pages the few rows occupy are ever touched. Their row stride S = 2**30 + 4096 is below 2**31, so it
@@ -10,7 +11,7 @@ formed in int32 wraps to 2 S - 2**32 < 0; the views start 2**31 elements into th
 wrapped address still lies inside it (untouched memory reads as zeros) and a kernel with an int32
 offset returns wrong numbers -- the test fails with a message -- rather than crashing the process.
 Checked by hand: the Triton kernels with `tl.program_id(0)` left int32 (token_logprobs forward and
-backward, contrast forward) and the csrc forward with its row offset cast to int32 fail here.
+backward) and the csrc forward with its row offset cast to int32 fail here.
 """
 
 import os
@@ -27,7 +28,7 @@ if not kernels.INTERPRETED:
     pytest.skip("selfdistill.kernels was imported before TRITON_INTERPRET=1; run kernel tests in their own process", allow_module_level=True)
 
 from selfdistill.kernels.token_logprobs import token_logprobs_backward, token_logprobs_forward  # noqa: E402
-from selfdistill.ops import cuda_ext, reference  # noqa: E402
+from selfdistill.ops import contrast_reference as reference, cuda_ext  # noqa: E402
 
 ROW_STRIDE = 2**30 + 4096  # elements; < 2**31, so an int32 argument; 2 * ROW_STRIDE > 2**31
 FIRST = 2**31  # where the views start in the buffer: an offset wrapped by int32 stays inside it
@@ -96,24 +97,34 @@ def test_triton_token_logprobs_backward_writes_rows_past_2_31(sparse_buffer):
 
 
 @pytest.mark.parametrize("impl", [kernels.gold_decoy_contrast, cuda_ext.gold_decoy_contrast], ids=["triton", "csrc"])
-def test_gold_decoy_contrast_reads_rows_past_2_31(sparse_buffer, impl):
-    """R = 3 rows of K = 2 divergent positions: the first one reads two logits of the gold row, the
-    second both vocabulary passes; forward, belief and the gradients to both logits tensors."""
+def test_gold_decoy_contrast_reads_weight_rows_past_2_31(sparse_buffer, impl):
+    """An LM head of V = 3 rows ROW_STRIDE apart (row 2 past 2**31 elements), R = 3 rows of K = 2
+    divergent positions: the first reads W[gold] - W[decoy] by id (the offset id * row stride), the
+    second runs both passes' fused-linear log-probs; forward, belief and the gradients to the
+    hidden states and the weight."""
     gen = torch.Generator().manual_seed(2)
-    gold_vals, decoy_vals = ((torch.randn(3, 2, V, generator=gen) * 3).bfloat16() for _ in range(2))
-    gold_ids, decoy_ids = torch.randint(0, V, (3, 2), generator=gen), torch.randint(0, V, (3, 2), generator=gen)
+    H = V
+    w_vals = (torch.randn(3, H, generator=gen) / 4).bfloat16()
+    gold_h, decoy_h = ((torch.randn(3, 2, H, generator=gen) * 2).bfloat16() for _ in range(2))
+    gold_ids = torch.tensor([[2, 0], [1, 2], [2, 1]])
+    decoy_ids = torch.tensor([[0, 2], [2, 0], [1, 2]])
     divergent = torch.ones(3, 2, dtype=torch.bool)
     upstream = torch.randn(3, 2, generator=gen)
 
-    def run(fn, gold, decoy):
-        gold, decoy = gold.detach().requires_grad_(True), decoy.detach().requires_grad_(True)
-        contrast, belief = fn(gold, decoy, gold_ids, decoy_ids, divergent, 0.9)
-        grads = torch.autograd.grad((contrast * upstream.to(contrast.dtype)).sum() + belief.sum(), (gold, decoy))
+    def run(fn, weight, gold, decoy):
+        weight, gold, decoy = (t.detach().requires_grad_(True) for t in (weight, gold, decoy))
+        contrast, belief = fn(gold, decoy, weight, None, gold_ids, decoy_ids, divergent, 0.9)
+        grads = torch.autograd.grad((contrast * upstream.to(contrast.dtype)).sum() + belief.sum(), (gold, decoy, weight))
         return contrast.detach(), belief.detach(), *grads
 
-    gold = far_apart(sparse_buffer, gold_vals)
-    decoy = far_apart(sparse_buffer, decoy_vals, at=2 * V)
-    got = run(impl, gold, decoy)
-    want = run(reference.gold_decoy_contrast, gold_vals.double(), decoy_vals.double())
-    for name, a, b, tol in zip(("contrast", "belief", "dgold", "ddecoy"), got, want, (1e-5, 1e-5, 1e-2, 1e-2)):
-        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    got = run(impl, far_apart(sparse_buffer, w_vals), gold_h, decoy_h)
+    same = run(reference.gold_decoy_contrast, w_vals, gold_h, decoy_h)  # torch's own bf16 forward, contiguous head
+    exact = run(reference.gold_decoy_contrast, w_vals.double(), gold_h.double(), decoy_h.double())
+    for name, a, b in zip(("contrast", "belief"), got, same):
+        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    for name, a, b in zip(("dgold", "ddecoy", "dweight"), got[2:], exact[2:]):  # bf16 gradients vs fp64
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2, msg=lambda m, name=name: f"{name}: {m}")
+    first = impl(gold_h[:, :1], None, far_apart(sparse_buffer, w_vals), None, gold_ids[:, :1], decoy_ids[:, :1],
+                 divergent[:, :1], 0.9)[0]
+    exact = ((gold_h[:, 0].double() * (w_vals[gold_ids[:, 0]].double() - w_vals[decoy_ids[:, 0]].double())).sum(-1) / 0.9)
+    torch.testing.assert_close(first[:, 0].double(), exact, rtol=0, atol=1e-5)  # the far row read at the right place

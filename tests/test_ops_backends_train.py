@@ -2,7 +2,8 @@
 interpreter on CPU) and `cuda` (the csrc extension's CPU path) trains the same model: equal rewards
 and token counts, losses and grad norms to float rounding, final weights to Adam's rounding; and
 the ops the trainer called ran on the chosen backend only (`selfdistill.ops.call_counts`, written by
-the training process at exit). Also: `ops.backend=auto` logs what it resolved to, once."""
+the training process at exit). A meta arm's GRPO step scores through the contrast kernels of the
+chosen backend. Also: `ops.backend=auto` logs what it resolved to, once."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ runpy.run_module("selfdistill.train", run_name="__main__", alter_sys=True)
 """
 
 
-def _train(backend: str, run_dir) -> tuple[list[dict], dict, dict]:
+def _train(backend: str, run_dir, args=ARGS) -> tuple[list[dict], dict, dict]:
     env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1" if backend == "triton" else "0")
     counts_path = os.path.join(run_dir, "op_calls.json")
-    proc = subprocess.run([sys.executable, "-c", TRAIN_AND_COUNT, counts_path, *ARGS, f"ops.backend={backend}",
+    proc = subprocess.run([sys.executable, "-c", TRAIN_AND_COUNT, counts_path, *args, f"ops.backend={backend}",
                            f"hydra.run.dir={run_dir}"], cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
@@ -71,6 +72,21 @@ def test_backend_trains_like_torch(backend, tmp_path):
                 assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (backend, b["step"], k)
     for k, v in want_w.items():
         torch.testing.assert_close(got_w[k], v, rtol=0, atol=1e-4, msg=lambda m: f"{backend} {k}: {m}")
+
+
+# gm with split arms: the without arm's completions start with the forced placebo block (a closed
+# meta block), so the step has members whatever the briefly trained policy samples
+META_ARGS = [*ARGS, "sft.steps=1", "grpo.steps=1", "reward.name=gm", "rollout.split_arms=true"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_meta_arm_step_scores_on_the_chosen_backend(backend, tmp_path):
+    rows, _, counts = _train(backend, tmp_path, META_ARGS)
+    grpo = [r for r in rows if r.get("stage") == "grpo"]
+    assert grpo and all(r["reward/gm/nan_frac"] < 1 for r in grpo), grpo  # the head had members: the scorer ran
+    want = {"gold_decoy_contrast", "clipped_mean_min", "fused_linear_token_logprobs", "policy_loss"}
+    assert {op for op, _ in counts} >= want and {ran for _, ran in counts} == {backend}, counts
 
 
 @pytest.mark.parametrize("kernels_module,resolved,level", [

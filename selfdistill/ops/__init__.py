@@ -8,6 +8,8 @@ use; a CPU path too); it provides every op but the top-K distillation (NotImplem
 ops.backend=triton or torch).
 The torch references are importable here under the same names as in `selfdistill.kernels`.
 `call_counts()` says which backend's implementation of each op ran (`selfdistill.ops.calls`).
+The scorer's contrast family (`gold_decoy_contrast` from hidden states, `clipped_mean_min`,
+`gold_decoy_did`, `belief_shift`) has its references in `selfdistill.ops.contrast_reference`.
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ import logging
 
 from torch import Tensor
 
-from selfdistill.ops import reference
+from selfdistill.ops import contrast_reference, reference
 from selfdistill.ops.calls import call_counts, record, reset_call_counts  # noqa: F401  (call_counts, reset: public API)
-from selfdistill.ops.reference import (  # noqa: F401  (public API: the torch references)
+from selfdistill.ops.contrast_reference import (  # noqa: F401  (public API: the torch references)
+    MIN_WEIGHT,
+    REWARD_CLIP,
+    SHIFT_CLIP,
+    Contrast,
+    belief_shift,
     clipped_mean_min,
-    fused_linear_token_logprobs,
-    fused_linear_topk_distill,
     gold_decoy_contrast,
     gold_decoy_did,
+)
+from selfdistill.ops.reference import (  # noqa: F401  (public API: the torch references)
+    fused_linear_token_logprobs,
+    fused_linear_topk_distill,
     kl_penalty,
     policy_loss,
     progressive_token_weights,
@@ -96,7 +105,7 @@ def _impl(name: str, device_type: str):
         if fn is not None:
             return fn
         raise NotImplementedError(f"ops.backend=triton has no kernel for {name!r} yet; use ops.backend=torch")
-    reference_fn = getattr(reference, name)
+    reference_fn = getattr(reference, name, None) or getattr(contrast_reference, name)
 
     def torch_reference(*args, **kwargs):
         record(name, "torch")
@@ -105,9 +114,11 @@ def _impl(name: str, device_type: str):
     return torch_reference
 
 
-def sequence_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Dispatched fused-linear log-probs: hidden [N, H], LM head weight [V, H], targets [N]."""
-    return _impl("fused_linear_token_logprobs", hidden.device.type)(hidden, weight, targets, temperature)
+def sequence_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, *,
+                            bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Dispatched fused-linear log-probs: hidden [N, H], LM head weight [V, H] and bias [V] or None,
+    targets [N] -> fp32 (logp [N], entropy [N])."""
+    return _impl("fused_linear_token_logprobs", hidden.device.type)(hidden, weight, targets, temperature, bias=bias)
 
 
 def dispatched_token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -121,23 +132,34 @@ def dispatched_policy_loss(*args, **kwargs):
 
 
 def dispatched_gold_decoy_contrast(
-    gold_logits: Tensor, decoy_logits: Tensor | None, gold_ids: Tensor, decoy_ids: Tensor, divergent: Tensor, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """Dispatched `gold_decoy_contrast` -> fp32 (contrast [R, K], belief [R])."""
-    return _impl("gold_decoy_contrast", gold_logits.device.type)(gold_logits, decoy_logits, gold_ids, decoy_ids, divergent, temperature)
+    gold_hidden: Tensor, decoy_hidden: Tensor | None, weight: Tensor, bias: Tensor | None, gold_ids: Tensor,
+    decoy_ids: Tensor, divergent: Tensor, temperature: float = 1.0,
+) -> Contrast:
+    """Dispatched `gold_decoy_contrast` from the scorer's hidden states at the answer positions
+    [R, K, H] and its LM head -> (contrast fp32 [R, K], belief float64 [R]); the first divergent
+    position of a row is one dot product with W[gold] - W[decoy] (SPEC section 1)."""
+    return _impl("gold_decoy_contrast", gold_hidden.device.type)(gold_hidden, decoy_hidden, weight, bias, gold_ids, decoy_ids,
+                                                                 divergent, temperature)
 
 
-def dispatched_clipped_mean_min(values: Tensor, mask: Tensor, clip: float = reference.REWARD_CLIP, min_weight: float = reference.MIN_WEIGHT) -> Tensor:
-    """Dispatched `clipped_mean_min` (PMI's `mean_min` aggregation, gm's reduction)."""
-    return _impl("clipped_mean_min", values.device.type)(values, mask, clip, min_weight)
+def dispatched_clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT,
+                                minus: Tensor | None = None) -> Tensor:
+    """Dispatched `clipped_mean_min` over x = values - minus: float64 [R] (PMI's aggregations, gm's reduction)."""
+    return _impl("clipped_mean_min", values.device.type)(values, mask, clip, min_weight, minus)
 
 
 def dispatched_gold_decoy_did(
-    contrast_meta: Tensor, contrast_placebo: Tensor, divergent: Tensor,
-    clip: float = reference.REWARD_CLIP, min_weight: float = reference.MIN_WEIGHT,
+    contrast_meta: Tensor, contrast_placebo: Tensor, divergent: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT,
 ) -> Tensor:
-    """Dispatched `gold_decoy_did`: gm's x from the contrasts after X + M and X + placebo."""
-    return dispatched_clipped_mean_min(contrast_meta - contrast_placebo, divergent, clip, min_weight)
+    """Dispatched `gold_decoy_did`: gm's x (float64 [R]) from the contrasts after X + M and X + placebo,
+    the difference taken inside the row reduction."""
+    return dispatched_clipped_mean_min(contrast_meta, divergent, clip, min_weight, minus=contrast_placebo)
+
+
+def dispatched_belief_shift(belief_open: Tensor, belief_close: Tensor, clip: float = SHIFT_CLIP,
+                            eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Dispatched `belief_shift`: PMI-shift's (clip(close - open) float64 [R], flip int8 [R])."""
+    return _impl("belief_shift", belief_open.device.type)(belief_open, belief_close, clip, eps)
 
 
 def sequence_topk_distill(

@@ -8,8 +8,9 @@ extra installs ninja), plus nvcc for the CUDA path.
 Ops provided (every op of `selfdistill.ops`): `token_logprobs` and, through it,
 `fused_linear_token_logprobs` (the host side `selfdistill.ops.logprob_host`, shared with the
 Triton kernels: logits never exist for all rows); `policy_loss` (the csrc row pass under the host side shared
-with the Triton kernel, `selfdistill.ops.row_pass_loss`); `gold_decoy_contrast` and
-`clipped_mean_min` (csrc launchers under `selfdistill.ops.contrast_host`, shared likewise).
+with the Triton kernel, `selfdistill.ops.row_pass_loss`); `gold_decoy_contrast` (from hidden states:
+the csrc first-position kernel and these token-logprob kernels), `clipped_mean_min` and
+`belief_shift` (csrc launchers under `selfdistill.ops.contrast_host`, shared likewise).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor
 
 from selfdistill.ops import contrast_host, logprob_host
-from selfdistill.ops.reference import MIN_WEIGHT, RAMP_W0, RAMP_W1, REWARD_CLIP
+from selfdistill.ops.contrast_reference import MIN_WEIGHT, REWARD_CLIP, SHIFT_CLIP, Contrast
+from selfdistill.ops.reference import RAMP_W0, RAMP_W1
 from selfdistill.ops.row_pass_loss import KL_ESTIMATORS, fused_policy_loss
 
 
@@ -33,7 +35,8 @@ def _csrc_dir() -> str:
     return str(files("selfdistill.csrc"))
 
 
-PROVIDED = ("token_logprobs", "fused_linear_token_logprobs", "policy_loss", "gold_decoy_contrast", "clipped_mean_min")
+PROVIDED = ("token_logprobs", "fused_linear_token_logprobs", "policy_loss", "gold_decoy_contrast", "clipped_mean_min",
+            "belief_shift")
 
 
 def sources(with_cuda: bool) -> list[str]:
@@ -84,11 +87,11 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) ->
 
 
 def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
-                                chunk_rows: int = 1024) -> tuple[Tensor, Tensor]:
-    """`token_logprobs(hidden @ weight.T, targets)` without [N, V] logits: the chunked host side of
-    `selfdistill.ops.logprob_host` (shared with the Triton kernels) over the csrc kernels."""
+                                chunk_rows: int = 1024, *, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`token_logprobs(hidden @ weight.T + bias, targets)` without [N, V] logits: the chunked host side
+    of `selfdistill.ops.logprob_host` (shared with the Triton kernels) over the csrc kernels."""
     return logprob_host.fused_linear_token_logprobs(_CsrcTokenLogprobLaunchers, hidden, weight, targets, temperature,
-                                                         chunk_rows)
+                                                    chunk_rows, bias)
 
 
 def _row_pass(logp, old_logp, advantages, loss_mask, lengths, ref_logp, entropy, *, loss_type, clip_low, clip_high,
@@ -121,33 +124,44 @@ def policy_loss(
 
 
 class _CsrcContrastLaunchers:
-    """The csrc launchers `selfdistill.ops.contrast_host` drives; no decoy rows = an empty tensor."""
+    """The csrc launchers `selfdistill.ops.contrast_host` drives; no bias = an empty tensor."""
+
+    token_logprobs = _CsrcTokenLogprobLaunchers
 
     @staticmethod
-    def forward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, temperature):
-        decoy = gold_logits.new_empty(0) if decoy_logits is None else decoy_logits
-        return extension().gold_decoy_contrast_forward(gold_logits, decoy, gold_ids, decoy_ids, kinds, 1.0 / temperature)
-
-    @staticmethod
-    def backward(gold_logits, decoy_logits, gold_ids, decoy_ids, kinds, stats, dcontrast, temperature):
-        decoy = gold_logits.new_empty(0) if decoy_logits is None else decoy_logits
-        return extension().gold_decoy_contrast_backward(gold_logits, decoy, gold_ids, decoy_ids, kinds, stats, dcontrast,
-                                                        1.0 / temperature)
+    def first_position(hidden, weight, bias, gold_ids, decoy_ids, temperature):
+        b = hidden.new_empty(0) if bias is None else bias
+        return extension().first_position_contrast_forward(hidden, weight, b, gold_ids, decoy_ids, 1.0 / temperature)
 
 
 def gold_decoy_contrast(
-    gold_logits: Tensor, decoy_logits: Tensor | None, gold_ids: Tensor, decoy_ids: Tensor, divergent: Tensor,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Same contract as `selfdistill.ops.reference.gold_decoy_contrast`: fp32 (contrast [R, K], belief [R])."""
-    return contrast_host.gold_decoy_contrast(_CsrcContrastLaunchers, gold_logits, decoy_logits, gold_ids, decoy_ids,
-                                             divergent, temperature)
+    gold_hidden: Tensor, decoy_hidden: Tensor | None, weight: Tensor, bias: Tensor | None, gold_ids: Tensor,
+    decoy_ids: Tensor, divergent: Tensor, temperature: float = 1.0,
+) -> Contrast:
+    """Same contract as `selfdistill.ops.contrast_reference.gold_decoy_contrast`: from the scorer's
+    hidden states, fp32 contrast [R, K] and float64 belief [R]."""
+    return contrast_host.gold_decoy_contrast(_CsrcContrastLaunchers, gold_hidden, decoy_hidden, weight, bias, gold_ids,
+                                             decoy_ids, divergent, temperature)
 
 
-def _clipped_mean_min_forward(values: Tensor, mask: Tensor, clip: float, min_weight: float) -> Tensor:
-    return extension().clipped_mean_min_forward(values, (mask != 0).to(torch.uint8), clip, min_weight)
+def _clipped_mean_min_forward(values: Tensor, mask: Tensor, minus: Tensor | None, clip: float, min_weight: float) -> Tensor:
+    empty = values.new_empty(0)
+    return extension().clipped_mean_min_forward(values, (mask != 0).to(torch.uint8), empty if minus is None else minus, clip,
+                                                min_weight)
 
 
-def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT) -> Tensor:
-    """Same contract as `selfdistill.ops.reference.clipped_mean_min` (differentiable w.r.t. `values`)."""
-    return contrast_host.clipped_mean_min(_clipped_mean_min_forward, values, mask, clip, min_weight)
+def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT,
+                     minus: Tensor | None = None) -> Tensor:
+    """Same contract as `selfdistill.ops.contrast_reference.clipped_mean_min` (float64; differentiable
+    w.r.t. `values` and `minus`)."""
+    return contrast_host.clipped_mean_min(_clipped_mean_min_forward, values, mask, clip, min_weight, minus)
+
+
+def _belief_shift_forward(belief_open: Tensor, belief_close: Tensor, clip: float, eps: float) -> tuple[Tensor, Tensor]:
+    return extension().belief_shift_forward(belief_open, belief_close, clip, eps)
+
+
+def belief_shift(belief_open: Tensor, belief_close: Tensor, clip: float = SHIFT_CLIP, eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Same contract as `selfdistill.ops.contrast_reference.belief_shift`: PMI-shift's float64
+    clip(close - open) [R] and flip int8 [R]."""
+    return contrast_host.belief_shift(_belief_shift_forward, belief_open, belief_close, clip, eps)

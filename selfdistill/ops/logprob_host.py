@@ -25,6 +25,9 @@ Memory besides inputs and returned gradients: one tile (chunk_rows * V in the in
 fp32 accumulator min(N, V) * H when the inputs are in low precision (fp32 inputs accumulate in the
 returned gradient itself). At N=16384, V=151936, H=4096, bf16, chunk_rows=1024: 0.31 GB tile +
 0.27 GB accumulator, against 10 GB for fp32 logits (and 2.5 GB for an fp32 dW accumulator).
+
+An optional LM-head bias [V] is added by the tile's matmul (`addmm`); its gradient is the column
+sum of d(loss)/d(logits), accumulated in fp32 over the tiles.
 """
 
 from __future__ import annotations
@@ -90,8 +93,15 @@ def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.add_(a @ b)
 
 
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """hidden @ weight.T (+ bias) written into `out`, in the inputs' dtype."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
 def forward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
-            chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+            chunk_rows: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 (logp [N], entropy [N], stats [N, S]) by row chunks."""
     N, V = hidden.shape[0], weight.shape[0]
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -100,7 +110,7 @@ def forward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, ta
     tile = torch.empty(min(chunk_rows, N), V, dtype=hidden.dtype, device=hidden.device)
     for start in range(0, N, chunk_rows):
         stop = min(start + chunk_rows, N)
-        logits = torch.mm(hidden[start:stop], weight.t(), out=tile[: stop - start])
+        logits = _logits(hidden[start:stop], weight, bias, tile[: stop - start])
         lp, ent, st = launchers.forward(logits, targets[start:stop], temperature)
         if stats is None:
             stats = torch.empty(N, st.shape[1], dtype=torch.float32, device=hidden.device)
@@ -110,12 +120,15 @@ def forward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, ta
 
 def backward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, targets: Tensor, stats: Tensor,
              entropy: Tensor, dlogp: Tensor, dentropy: Tensor, temperature: float, chunk_rows: int, need_hidden: bool,
-             need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-    """(d hidden or None, d weight or None), in the inputs' dtypes (module docstring)."""
+             need_weight: bool, bias: Tensor | None = None,
+             need_bias: bool = False) -> tuple[Tensor | None, Tensor | None] | tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(d hidden or None, d weight or None), in the inputs' dtypes (module docstring); with a `bias`,
+    (d hidden, d weight, d bias or None)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dlogp, dentropy = dlogp.contiguous().float(), dentropy.contiguous().float()
     low_precision = hidden.dtype != torch.float32
+    db_acc = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None and need_bias else None
     if N < V:  # vocabulary slices: dW direct, dH accumulated
         cols = max(1, min(V, chunk_rows * V // N))
         buf = torch.empty(N * cols, dtype=hidden.dtype, device=hidden.device)
@@ -126,14 +139,16 @@ def backward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, t
         for v0 in range(0, V, cols):
             v1 = min(v0 + cols, V)
             w = weight[v0:v1]
-            logits = torch.mm(hidden, w.t(), out=buf[: N * (v1 - v0)].view(N, v1 - v0))
+            logits = _logits(hidden, w, None if bias is None else bias[v0:v1], buf[: N * (v1 - v0)].view(N, v1 - v0))
             dlogits = launchers.backward(logits, targets - v0, stats, entropy, dlogp, dentropy, temperature, out=logits)
             if dweight is not None:
                 torch.mm(dlogits.t(), hidden, out=dweight[v0:v1])
             if dh_acc is not None:
                 addmm_fp32_(dh_acc, dlogits, w)
+            if db_acc is not None:
+                db_acc[v0:v1] = dlogits.float().sum(0)
         dhidden = None if dh_acc is None else (dh_acc.to(hidden.dtype) if low_precision else dh_acc)
-        return dhidden, dweight
+        return _with_bias_grad(dhidden, dweight, bias, db_acc)
     # row chunks: dH direct, dW accumulated
     dhidden = torch.empty_like(hidden) if need_hidden else None
     dw_acc = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -141,15 +156,24 @@ def backward(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, t
     for start in range(0, N, chunk_rows):
         stop = min(start + chunk_rows, N)
         h = hidden[start:stop]
-        logits = torch.mm(h, weight.t(), out=tile[: stop - start])
+        logits = _logits(h, weight, bias, tile[: stop - start])
         dlogits = launchers.backward(logits, targets[start:stop], stats[start:stop], entropy[start:stop],
                                      dlogp[start:stop], dentropy[start:stop], temperature, out=logits)
         if dhidden is not None:
             torch.mm(dlogits, weight, out=dhidden[start:stop])
         if dw_acc is not None:
             addmm_fp32_(dw_acc, dlogits.t(), h)
+        if db_acc is not None:
+            db_acc += dlogits.float().sum(0)
     dweight = None if dw_acc is None else (dw_acc.to(weight.dtype) if low_precision else dw_acc)
-    return dhidden, dweight
+    return _with_bias_grad(dhidden, dweight, bias, db_acc)
+
+
+def _with_bias_grad(dhidden, dweight, bias, db_acc):
+    """(dhidden, dweight) without a bias (the callers that never pass one), else with d bias."""
+    if bias is None:
+        return dhidden, dweight
+    return dhidden, dweight, None if db_acc is None else db_acc.to(bias.dtype)
 
 
 class _TokenLogprobsFunction(torch.autograd.Function):
@@ -181,33 +205,43 @@ def token_logprobs(launchers: TokenLogprobLaunchers, logits: Tensor, targets: Te
 
 class _FusedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, launchers, hidden, weight, targets, temperature, chunk_rows):
-        logp, entropy, stats = forward(launchers, hidden, weight, targets, temperature, chunk_rows)
-        ctx.save_for_backward(hidden, weight, targets, stats, entropy)
+    def forward(ctx, launchers, hidden, weight, bias, targets, temperature, chunk_rows):
+        logp, entropy, stats = forward(launchers, hidden, weight, targets, temperature, chunk_rows, bias)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
         ctx.launchers, ctx.temperature, ctx.chunk_rows = launchers, temperature, chunk_rows
         return logp, entropy
 
     @staticmethod
     def backward(ctx, dlogp, dentropy):
-        hidden, weight, targets, stats, entropy = ctx.saved_tensors  # unused outputs get zero grads (materialised)
-        dhidden, dweight = backward(
+        hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors  # unused outputs get zero grads (materialised)
+        grads = backward(
             ctx.launchers, hidden, weight, targets, stats, entropy, dlogp, dentropy, ctx.temperature, ctx.chunk_rows,
-            need_hidden=ctx.needs_input_grad[1], need_weight=ctx.needs_input_grad[2],
+            need_hidden=ctx.needs_input_grad[1], need_weight=ctx.needs_input_grad[2], bias=bias,
+            need_bias=ctx.needs_input_grad[3],
         )
-        return None, dhidden, dweight, None, None, None
+        dhidden, dweight, dbias = grads if bias is not None else (*grads, None)
+        return None, dhidden, dweight, dbias, None, None, None
+
+
+def check_fused_linear_inputs(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """hidden [N, H] and the LM head weight [V, H] (one dtype), bias None or [V] in that dtype."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op} expects hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{op}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one so the matmul has one dtype")
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
+        raise ValueError(f"{op}: bias must be [V={weight.shape[0]}] in the weight's dtype {weight.dtype}; got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
 
 
 def fused_linear_token_logprobs(launchers: TokenLogprobLaunchers, hidden: Tensor, weight: Tensor, targets: Tensor,
-                                temperature: float, chunk_rows: int) -> tuple[Tensor, Tensor]:
-    """`token_logprobs(hidden @ weight.T, targets)` without [N, V] logits: hidden [N, H], weight
-    [V, H] (same dtype), targets [N] -> fp32 (logp [N], entropy [N]), differentiable w.r.t. hidden
-    and weight. `chunk_rows` bounds the logits tile (module docstring)."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_token_logprobs expects hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+                                temperature: float, chunk_rows: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`token_logprobs(hidden @ weight.T + bias, targets)` without [N, V] logits: hidden [N, H], weight
+    [V, H] (same dtype), bias None or [V], targets [N] -> fp32 (logp [N], entropy [N]),
+    differentiable w.r.t. hidden, weight and bias. `chunk_rows` bounds the logits tile (module docstring)."""
+    check_fused_linear_inputs("fused_linear_token_logprobs", hidden, weight, bias)
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"fused_linear_token_logprobs: targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"fused_linear_token_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one so the matmul has one dtype")
     if chunk_rows < 1:
         raise ValueError(f"fused_linear_token_logprobs: chunk_rows must be >= 1, got {chunk_rows}")
     if not temperature > 0:
@@ -216,5 +250,6 @@ def fused_linear_token_logprobs(launchers: TokenLogprobLaunchers, hidden: Tensor
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
     record("fused_linear_token_logprobs", backend_of(launchers))
-    return _FusedLinearFunction.apply(launchers, hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
+    return _FusedLinearFunction.apply(launchers, hidden.contiguous(), weight.contiguous(),
+                                      None if bias is None else bias.contiguous(), targets.long().contiguous(),
                                       float(temperature), int(chunk_rows))

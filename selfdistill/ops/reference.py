@@ -1,4 +1,5 @@
-"""Pure-torch reference implementations of the fused ops (SPEC sections 5, 7, 8).
+"""Pure-torch reference implementations of the fused ops (SPEC sections 5, 7, 8); the contrast
+family (gold-vs-decoy contrast and the rewards' region reductions) is `contrast_reference`.
 
 These are the formulas; the Triton kernels in `selfdistill.kernels` have the same signatures and
 are tested against these (and against fp64). They accumulate in fp32 and, where a vocabulary pass
@@ -14,7 +15,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 RAMP_W0, RAMP_W1 = 0.5, 1.5  # progressive token weighting endpoints (SPEC section 7)
-REWARD_CLIP, MIN_WEIGHT = 2.0, 1.0  # gm / PMI mean_min: mean(clip(x, -2, 2)) + 1.0 * min(clip(x, -2, 2)) (SPEC section 2)
 TAIL_LSE_MAX = -1e-7  # top-K tail: lse_K clamped to <= -1e-7 before log(-expm1(lse_K)) (SPEC section 6)
 
 
@@ -41,18 +41,24 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, ch
 
 
 def fused_linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, chunk_rows: int = 1024
+    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, chunk_rows: int = 1024, *,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`token_logprobs(hidden @ weight.T, targets)` computed chunk by chunk over rows.
+    """`token_logprobs(hidden @ weight.T + bias, targets)` computed chunk by chunk over rows.
 
-    hidden [N, H], weight [V, H] (the LM head), targets [N]. Differentiable w.r.t. hidden and
-    weight. Under autograd every chunk's fp32 log-softmax stays saved until the backward, so the
-    reference holds O(N V) fp32 when it trains; the Triton and csrc variants keep a few floats per
-    row and recompute the logits tile by tile in their backward (`selfdistill.ops.logprob_host`).
+    hidden [N, H], weight [V, H] (the LM head), optional bias [V], targets [N]. Differentiable
+    w.r.t. hidden, weight and bias. Under autograd every chunk's fp32 log-softmax stays saved until
+    the backward, so the reference holds O(N V) fp32 when it trains; the Triton and csrc variants
+    keep a few floats per row and recompute the logits tile by tile in their backward
+    (`selfdistill.ops.logprob_host`).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_token_logprobs expects hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    parts = [token_logprobs(hidden[s:s + chunk_rows] @ weight.t(), targets[s:s + chunk_rows], temperature)
+
+    def logits(h: Tensor) -> Tensor:
+        return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+
+    parts = [token_logprobs(logits(hidden[s:s + chunk_rows]), targets[s:s + chunk_rows], temperature)
              for s in range(0, hidden.shape[0], chunk_rows)]
     if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
@@ -183,83 +189,6 @@ def policy_loss(
         if entropy is not None:
             stats["entropy"] = (entropy * mask).sum() / denom
     return loss, stats
-
-
-def contrast_position_kinds(divergent: Tensor, have_decoy_rows: bool) -> Tensor:
-    """Classify the [R, K] answer positions for `gold_decoy_contrast`: 0 = not divergent,
-    1 = first divergent position of its row (gold and decoy prefixes agree: one logit row, no
-    vocabulary pass), 2 = a later divergent position (needs both passes, SPEC section 1)."""
-    div = divergent.bool()
-    first = div & (div.long().cumsum(-1) == 1)
-    kinds = div.long() + (div & ~first).long()
-    if not have_decoy_rows and bool((kinds == 2).any()):
-        rows = torch.nonzero((kinds == 2).any(-1)).flatten().tolist()
-        raise ValueError(
-            f"gold_decoy_contrast: decoy_logits=None but rows {rows[:8]} have more than one divergent position; "
-            "positions after the first need the decoy pass's logits"
-        )
-    return kinds
-
-
-def masked_finite_sum(values: Tensor, mask: Tensor) -> Tensor:
-    """Per-row sum of `values` [R, K] over `mask`; NaN (non-member, SPEC section 2) for a row with
-    no masked position or with a NaN/inf among its masked values."""
-    used = mask.bool()
-    bad = (used & ~torch.isfinite(values)).any(-1) | ~used.any(-1)
-    total = torch.where(used, values, 0.0).sum(-1)
-    return torch.where(bad, torch.full_like(total, float("nan")), total)
-
-
-def gold_decoy_contrast(
-    gold_logits: Tensor, decoy_logits: Tensor | None, gold_ids: Tensor, decoy_ids: Tensor, divergent: Tensor,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Per-position `logp(gold_i | c, gold_<i) - logp(decoy_i | c, decoy_<i)` and the belief B(c).
-
-    gold_logits [R, K, V]: row (r, k) = the scorer's logits predicting answer token k after
-    context r + gold_<k; decoy_logits [R, K, V] likewise for the decoy pass, or None when no row has
-    a second divergent position. gold_ids, decoy_ids [R, K]: the answer tokens (equal length,
-    rows padded to K). divergent [R, K]: positions where gold and decoy differ.
-    At a row's first divergent position the prefixes agree, so the term is
-    (z[gold] - z[decoy]) / T of the gold row (SPEC section 1); later ones use both passes.
-    Returns fp32 (contrast [R, K], 0 off `divergent`; belief [R] = sum over `divergent`, NaN for a
-    row with no divergent position or a non-finite term).
-    """
-    R, K = divergent.shape
-    kinds = contrast_position_kinds(divergent, decoy_logits is not None)
-    contrast = torch.zeros(R, K, dtype=torch.float32, device=gold_logits.device)
-    first, later = kinds == 1, kinds == 2
-    rows = gold_logits[first].float()
-    z_gold = rows.gather(-1, gold_ids[first].long().unsqueeze(-1)).squeeze(-1)
-    z_decoy = rows.gather(-1, decoy_ids[first].long().unsqueeze(-1)).squeeze(-1)
-    contrast = contrast.index_put((first,), (z_gold - z_decoy) / temperature)
-    if bool(later.any()):
-        lp_gold, _ = token_logprobs(gold_logits[later], gold_ids[later], temperature)
-        lp_decoy, _ = token_logprobs(decoy_logits[later], decoy_ids[later], temperature)
-        contrast = contrast.index_put((later,), lp_gold - lp_decoy)
-    return contrast, masked_finite_sum(contrast, divergent)
-
-
-def clipped_mean_min(values: Tensor, mask: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT) -> Tensor:
-    """Per row of [R, K]: mean(clip(x, -clip, clip)) + min_weight * min(clip(x, -clip, clip)) over
-    `mask`. gm's x and PMI's `mean_min` aggregation (SPEC section 2). NaN for a row with no masked
-    value or a NaN/inf among them (clipping must not turn an inf into a member)."""
-    used = mask.bool()
-    x = values.float()
-    bad = (used & ~torch.isfinite(x)).any(-1) | ~used.any(-1)
-    c = torch.where(used & torch.isfinite(x), x, 0.0).clamp(-clip, clip)
-    mean = torch.where(used, c, 0.0).sum(-1) / used.sum(-1).clamp(min=1)
-    low = torch.where(used, c, float("inf")).amin(-1)
-    out = mean + min_weight * low
-    return torch.where(bad, torch.full_like(out, float("nan")), out)
-
-
-def gold_decoy_did(
-    contrast_meta: Tensor, contrast_placebo: Tensor, divergent: Tensor, clip: float = REWARD_CLIP, min_weight: float = MIN_WEIGHT
-) -> Tensor:
-    """gm's x (SPEC section 2) from the contrasts after X + M and after X + placebo:
-    did_i = [g_i(M) - g_i(pl)] - [d_i(M) - d_i(pl)] = contrast_i(M) - contrast_i(pl)."""
-    return clipped_mean_min(contrast_meta - contrast_placebo, divergent, clip, min_weight)
 
 
 def check_topk_distill_args(op: str, vocab: int, k: int, temperature: float, alpha: float, chunk_rows: int) -> None:

@@ -21,10 +21,10 @@ from selfdistill.rewards.common import (
     masked_sum,
     nonfinite_to_nan,
 )
-from selfdistill.rewards.gm import gm_reward
+from selfdistill.rewards.gm import gm_fused, gm_reward
 from selfdistill.rewards.guards import contains_standalone, copies_continuation, membership_reason, pmi_guard_reason
-from selfdistill.rewards.pmi import PMI_AGGS, pmi_aggregate, pmi_reward
-from selfdistill.rewards.pmi_shift import pmi_shift_reward
+from selfdistill.rewards.pmi import PMI_AGGS, pmi_aggregate, pmi_fused, pmi_reward
+from selfdistill.rewards.pmi_shift import pmi_shift_fused, pmi_shift_reward
 from selfdistill.rewards.regions import (
     MetaRegions,
     content_ids,
@@ -59,8 +59,8 @@ __all__ = [
     "MetaRegions", "RewardSpec", "ScorerPasses",
     "apply_membership", "asym_cf_group_value", "asym_cf_reward", "belief", "belief_membership_reason",
     "cf_reward", "clip", "contains_standalone", "content_ids", "content_regions", "copies_continuation",
-    "correct_from_grades", "correctness_reward", "divergent_positions", "gate", "get_reward", "gm_reward",
+    "correct_from_grades", "correctness_reward", "divergent_positions", "gate", "get_reward", "gm_fused", "gm_reward",
     "masked_mean", "masked_min", "masked_sum", "membership_reason", "meta_block_spans", "meta_emitted", "meta_regions",
-    "meta_structure_metrics", "nonfinite_to_nan", "outside_meta_texts", "pmi_aggregate", "pmi_guard_reason",
-    "pmi_reward", "pmi_shift_reward", "rollout_outside_meta_texts",
+    "meta_structure_metrics", "nonfinite_to_nan", "outside_meta_texts", "pmi_aggregate", "pmi_fused", "pmi_guard_reason",
+    "pmi_reward", "pmi_shift_fused", "pmi_shift_reward", "rollout_outside_meta_texts",
 ]

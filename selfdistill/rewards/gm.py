@@ -6,6 +6,12 @@ divergent position i:
 `did_i = [g_i(M) - g_i(placebo)] - [d_i(M) - d_i(placebo)]`,
 `x = mean_i clip(did_i, -2, 2) + 1.0 * min_i clip(did_i, -2, 2)`, `R = gate(x, correct, 2)`.
 A decorative block moves gold and decoy together, so did ~ 0 and R ~ 0.
+
+`gm_reward` is the float64 formula on the four log-prob sets; `gm_fused` is the scorer's ops path:
+did_i = contrast_i(M) - contrast_i(placebo) (contrast = g - d per position, from the contrast op,
+which needs no vocabulary pass at the first divergent position) reduced by the dispatched
+`gold_decoy_did` kernel in float64, gated in float64 here; equal to `gm_reward` on the same values
+(tests/test_rewards_fused.py).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from selfdistill import ops
 from selfdistill.rewards.common import (
     NAN,
     any_nonfinite,
@@ -71,6 +78,27 @@ def gm_reward(
     x = masked_mean(did, mask) + MIN_WEIGHT * masked_min(did, mask)  # no divergent position -> NaN
     x = torch.where(bad, torch.full_like(x, NAN), x)
     return apply_membership(gate(x, correct, GM_CAP), member, "gm_reward")
+
+
+def gm_fused(
+    contrast_meta: Tensor,
+    contrast_placebo: Tensor,
+    divergent_mask: Tensor,
+    correct: Tensor,
+    *,
+    member: Tensor,
+) -> Tensor:
+    """`gm_reward` through `ops.dispatched_gold_decoy_did`. contrast_meta / contrast_placebo: [R, K]
+    per-position log p(gold) - log p(decoy) after X + M and after X + placebo (fp32, on the scorer's
+    device), divergent_mask [R, K]; correct, member bool [R]. Returns float64 [R] on that device."""
+    if contrast_meta.shape != contrast_placebo.shape or contrast_meta.dim() != 2:
+        raise ValueError(f"gm_fused: contrast_meta {tuple(contrast_meta.shape)} and contrast_placebo "
+                         f"{tuple(contrast_placebo.shape)} must both be [R, K]")
+    device = contrast_meta.device
+    mask = as_bool(divergent_mask, "divergent_mask").to(device).expand(contrast_meta.shape)
+    x = ops.dispatched_gold_decoy_did(contrast_meta, contrast_placebo, mask, DID_CLIP, MIN_WEIGHT)  # empty / non-finite -> NaN
+    return apply_membership(gate(x, as_bool(correct, "correct").to(device), GM_CAP), as_bool(member, "member").to(device),
+                            "gm_fused")
 
 
 def gm_metrics(belief_meta: Tensor, belief_placebo: Tensor, values: Tensor) -> dict[str, float]:

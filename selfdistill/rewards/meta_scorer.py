@@ -24,29 +24,36 @@ it reads the rollout's boxed answer from its outside-meta pieces, cut at token l
 `reward/skip_rate`; the SPEC lists this rule for all three belief heads, pmi included).
 
 Passes. Every teacher-forced sequence of the step (all rollouts, all pass kinds) goes into one
-`TeacherForcedPasses`, which drops exact duplicates (identical rollouts are common), sorts by length
-and runs them in as few right-padded forwards as a token budget allows. Only the hidden states
-that predict a scored token go through the LM head (`ops.sequence_token_logprobs`), at
-temperature 1.0, under `torch.no_grad()`, in eval mode. Belief passes use the first-divergent-
-position shortcut of SPEC section 1: before the first divergent position gold and decoy agree, so
-the gold pass's row there gives both log-probs (one softmax normaliser), and the decoy pass is run
-only for answers with a second divergent position.
+`scorer_passes.TeacherForcedPasses`, which drops exact duplicates (identical rollouts are common),
+sorts by length and runs them in as few right-padded forwards as a token budget allows, at
+temperature 1.0, under `torch.no_grad()`, in eval mode; only the final hidden states that predict a
+scored token leave a forward.
+
+The LM-head work has two paths. The fused path (the default, for every entry with a `fused_fn`):
+belief heads read the hidden states at the answers' divergent positions through
+`ops.dispatched_gold_decoy_contrast` -- the first divergent position of a row is one dot product
+`h . (W[gold] - W[decoy]) / T` (SPEC section 1: the prefixes agree, the normaliser cancels; no
+vocabulary pass, no logits), later ones the fused-linear log-probs of both passes, so the decoy
+pass runs only for answers with a second divergent position -- and PMI reads C's tokens through the
+fused-linear token log-probs; the entry's `fused_fn` then reduces them with the dispatched row
+kernels in float64 (every backend: `ops.backend`). The reference path (`fused=False`, or an entry
+without a `fused_fn`): one fused-linear log-prob per read, the first divergent position's decoy token
+included (a full vocabulary pass, read from the gold pass's row), then the entry's float64 `meta_fn`.
+Both give the head within fp32 rounding of each other (tests/test_rewards_fused.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from selfdistill import ops
 from selfdistill.config import RewardConfig
 from selfdistill.models.tokenizer import META_CLOSE, META_OPEN
 from selfdistill.rewards.base import correct_from_grades
-from selfdistill.rewards.common import belief, divergent_positions, mean_or_zero
+from selfdistill.rewards.common import divergent_positions, mean_or_zero
 from selfdistill.rewards.grader import extract_boxed_answer
 from selfdistill.rewards.guards import NONMEMBER_REASONS, UNSCORABLE_PAIR, membership_reason
 from selfdistill.rewards.regions import MetaRegions, content_regions, meta_structure_metrics, outside_meta_texts
@@ -60,124 +67,26 @@ from selfdistill.rewards.registry import (
     call_with_inputs,
     get_reward,
 )
+from selfdistill.rewards.scorer_passes import (  # noqa: F401  (TeacherForcedPasses, limits: importable here)
+    MAX_BATCH_SIZE,
+    MAX_BATCH_TOKENS,
+    HiddenStates,
+    TeacherForcedPasses,
+    TokenLogprobs,
+    answer_inputs_fused,
+    answer_inputs_reference,
+    continuation_inputs,
+    eval_mode,
+    lm_head,
+)
 from selfdistill.rollout.base import PLACEBO_TEXT, RolloutBatch
 
-SCORER_TEMPERATURE = 1.0  # SPEC section 1: the scorer is evaluated at temperature 1.0
 PLACEBO_BLOCK = META_OPEN + PLACEBO_TEXT + META_CLOSE
-MAX_BATCH_TOKENS = 32768  # padded tokens per scorer forward
-MAX_BATCH_SIZE = 256  # sequences per scorer forward
 
 
 def answer_text(answer: str) -> str:
     """The text an answer is scored as (SPEC section 1)."""
     return f"\\boxed{{{answer}}}"
-
-
-class TeacherForcedPasses:
-    """Teacher-forced sequences and the log-probs to read from them, run in few batched forwards.
-
-    `add(seq, reads)` registers reads `(t, target)`: log p(target | seq[:t]), t >= 1. The target is
-    usually seq[t]; the first-divergent-position shortcut also reads the decoy token from the gold
-    sequence's row. `run` returns every read's log-prob in registration order.
-    """
-
-    def __init__(self) -> None:
-        self._index: dict[tuple[int, ...], int] = {}
-        self.seqs: list[tuple[int, ...]] = []
-        self.reads: list[tuple[int, int, int]] = []  # (sequence, t, target)
-
-    def add(self, seq: Sequence[int], reads: Sequence[tuple[int, int]]) -> list[int]:
-        if not reads:
-            return []
-        last = max(t for t, _ in reads)
-        if min(t for t, _ in reads) < 1 or last > len(seq):
-            raise ValueError(f"TeacherForcedPasses.add: read positions must lie in [1, {len(seq)}]; got {[t for t, _ in reads]}")
-        key = tuple(seq[:last])  # the state predicting position `last` sees seq[:last] only
-        s = self._index.setdefault(key, len(self.seqs))
-        if s == len(self.seqs):
-            self.seqs.append(key)
-        start = len(self.reads)
-        self.reads.extend((s, t, int(target)) for t, target in reads)
-        return list(range(start, len(self.reads)))
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s) for s in self.seqs)
-
-    def chunks(self, max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-        """Sequence indices grouped into forwards: longest first, padded size within the budget."""
-        order = sorted(range(len(self.seqs)), key=lambda s: -len(self.seqs[s]))
-        out: list[list[int]] = []
-        for s in order:
-            if out and len(out[-1]) < max_batch_size and (len(out[-1]) + 1) * len(self.seqs[out[-1][0]]) <= max_batch_tokens:
-                out[-1].append(s)
-            else:
-                out.append([s])
-        return out
-
-    @torch.no_grad()
-    def run(self, model, pad_id: int, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_size: int = MAX_BATCH_SIZE) -> Tensor:
-        """float64 [len(reads)] log-probs, on the CPU. `model`: a plain HF causal LM (`_check_scorer`)."""
-        out = torch.full((len(self.reads),), float("nan"), dtype=torch.float64)
-        if not self.reads:
-            return out
-        hf = _check_scorer(model)
-        decoder, head = hf.get_decoder(), hf.get_output_embeddings()
-        device = next(hf.parameters()).device
-        reads_of: dict[int, list[int]] = {}
-        for r, (s, _, _) in enumerate(self.reads):
-            reads_of.setdefault(s, []).append(r)
-        for chunk in self.chunks(max_batch_tokens, max_batch_size):
-            L = len(self.seqs[chunk[0]])
-            # Right padding: a causal model's real positions never attend to the pads after them,
-            # and position ids 0..len-1 are those the sequence had during generation.
-            ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), L), dtype=torch.long)
-            rows, cols, targets, dest = [], [], [], []
-            for b, s in enumerate(chunk):
-                seq = self.seqs[s]
-                ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                attn[b, : len(seq)] = 1
-                for r in reads_of[s]:
-                    _, t, target = self.reads[r]
-                    rows.append(b)
-                    cols.append(t - 1)  # the state at t - 1 predicts token t
-                    targets.append(target)
-                    dest.append(r)
-            pos = torch.arange(L).unsqueeze(0).expand(len(chunk), L)
-            hidden = decoder(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
-            h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-            out[torch.tensor(dest)] = _head_logprobs(h, head, torch.tensor(targets, device=device)).double().cpu()
-        return out
-
-
-def _head_logprobs(h: Tensor, head, targets: Tensor) -> Tensor:
-    """log p(target) of the LM head at the gathered rows, never [N, V] logits for other rows."""
-    if getattr(head, "bias", None) is not None:  # rare biased heads: plain log_softmax of these rows
-        return torch.log_softmax(head(h).float() / SCORER_TEMPERATURE, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    lp, _ = ops.sequence_token_logprobs(h, head.weight, targets, SCORER_TEMPERATURE)
-    return lp
-
-
-def _check_scorer(model):
-    """The scorer is a plain HF causal LM: the trainer passes the gathered frozen reference or
-    `engine.unwrapped()`, never an engine wrapper (whose `.module` this package does not open:
-    engine handling belongs to the trainer side)."""
-    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
-        raise TypeError(f"the scorer must be a plain HF causal LM (the gathered reference, or engine.unwrapped()); "
-                        f"got {type(model).__name__}")
-    return model
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    hf = _check_scorer(model)
-    was_training = hf.training
-    hf.eval()
-    try:
-        yield
-    finally:
-        hf.train(was_training)
 
 
 # ----------------------------------------------------------------------------- per-rollout inputs
@@ -212,13 +121,15 @@ def _examples_per_row(batch: RolloutBatch, examples: Sequence) -> list:
 
 def score_meta_head(cfg: RewardConfig, batch: RolloutBatch, grades: Tensor, examples: Sequence, scorer, tokenizer,
                     meta_ids: tuple[int, int], *, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                    max_batch_size: int = MAX_BATCH_SIZE) -> tuple[Tensor, str, dict[str, float]]:
+                    max_batch_size: int = MAX_BATCH_SIZE, fused: bool = True) -> tuple[Tensor, str, dict[str, float]]:
     """(values float64 [R] with NaN for non-members, the head's routing region, metrics).
 
     grades: [R] 1 correct / 0 wrong / -1 grader timeout (= wrong). examples: one per group, indexed
     by `batch.group_ids`, each with `.gold` and `.decoy`. scorer: the frozen reference (or the
     policy when `reward.use_policy_as_scorer`) as a plain HF causal LM; unused (may be None) when
-    the entry declares no passes (cf / asym_cf). Metrics include `meta_structure_metrics`.
+    the entry declares no passes (cf / asym_cf). fused: run the entry's `fused_fn` on the fused
+    LM-head path (module docstring); False forces the reference path (benchmarks/bench_scoring.py
+    compares the two). Metrics include `meta_structure_metrics`.
     """
     spec = get_reward(cfg.name)
     if spec.meta_head is None:
@@ -236,25 +147,36 @@ def score_meta_head(cfg: RewardConfig, batch: RolloutBatch, grades: Tensor, exam
     }
     if spec.passes is None:
         metrics["reward/skip_rate"] = 0.0  # no gold/decoy pair is scored
+        values = call_with_inputs(spec.meta_fn, inputs)
     else:
         if scorer is None:
             raise ValueError(f"score_meta_head: reward {cfg.name!r} needs a scorer model; got None")
         scored, pass_metrics = _scored_inputs(spec, batch, ids, regions, _examples_per_row(batch, examples), scorer,
-                                              tokenizer, meta_ids, max_batch_tokens, max_batch_size)
-        inputs.update(scored)
+                                              tokenizer, meta_ids, max_batch_tokens, max_batch_size,
+                                              fused and spec.fused_fn is not None)
+        head_fn = spec.fused_fn if fused and spec.fused_fn is not None else spec.meta_fn
+        with torch.no_grad():
+            values = call_with_inputs(head_fn, {**inputs, **scored}).double().cpu()
+        inputs.update(_on_cpu(scored))  # what metrics_fn reads, whichever path ran
         metrics.update(pass_metrics)
-    values = call_with_inputs(spec.meta_fn, inputs)
     if spec.metrics_fn is not None:
         metrics.update(call_with_inputs(spec.metrics_fn, {**inputs, "values": values}))
     metrics.update(value_metrics(spec.meta_head, values))
     return values, spec.meta_route, metrics
 
 
+def _on_cpu(inputs: dict[str, object]) -> dict[str, object]:
+    """Tensors on the CPU, floating ones as float64 (for the metrics)."""
+    return {k: (v.detach().cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, Tensor) else v
+            for k, v in inputs.items()}
+
+
+@torch.no_grad()
 def _scored_inputs(spec: RewardSpec, batch: RolloutBatch, ids: list[list[int]], regions: MetaRegions, row_examples: list,
-                   scorer, tokenizer, meta_ids: tuple[int, int], max_batch_tokens: int,
-                   max_batch_size: int) -> tuple[dict[str, object], dict[str, float]]:
+                   scorer, tokenizer, meta_ids: tuple[int, int], max_batch_tokens: int, max_batch_size: int,
+                   fused: bool) -> tuple[dict[str, object], dict[str, float]]:
     """Membership, then every pass the entry declares for every member, run batched, laid out as
-    the inputs `registry` documents."""
+    the fused or the reference inputs `registry` documents."""
     head, passes_spec, R = spec.meta_head, spec.passes, len(ids)
     starts, ends = regions.first_closed_start.tolist(), regions.first_closed_end.tolist()
     # 1. membership, before any pass
@@ -274,17 +196,22 @@ def _scored_inputs(spec: RewardSpec, batch: RolloutBatch, ids: list[list[int]], 
             plans.setdefault(i, {})[name] = (_add_continuation(passes, context, c[e + 1:])
                                              if passes_spec.target == TARGET_CONTINUATION
                                              else _add_belief(passes, context, row_pairs[i]))
-    with _eval_mode(scorer):
-        lp = passes.run(scorer, tokenizer.pad_token_id, max_batch_tokens, max_batch_size)
+    names = [name for name, _ in passes_spec.contexts]
+    weight, bias = lm_head(scorer)
+    n = len(passes.reads)
+
+    # 3. the LM-head work on the reads' hidden states -> [R, K] inputs (rows without a plan stay
+    # masked out -> NaN in the head)
+    with eval_mode(scorer):
+        run = lambda reader: passes.run(scorer, tokenizer.pad_token_id, reader, max_batch_tokens, max_batch_size)  # noqa: E731
+        if passes_spec.target == TARGET_CONTINUATION:
+            inputs = continuation_inputs(names, run(TokenLogprobs(n, weight, bias, fused=fused)).out, plans, R)
+        elif fused:
+            inputs = answer_inputs_fused(names, run(HiddenStates(n)).hidden, plans, row_pairs, weight, bias)
+        else:
+            inputs = answer_inputs_reference(names, run(TokenLogprobs(n, weight, bias, fused=False)).out, plans, row_pairs)
     metrics["scorer/sequences"] = float(len(passes.seqs))
     metrics["scorer/tokens"] = float(passes.num_tokens)
-
-    # 3. [R, K] arrays (rows without a plan stay masked out -> NaN in the head)
-    names = [name for name, _ in passes_spec.contexts]
-    if passes_spec.target == TARGET_CONTINUATION:
-        inputs = _continuation_inputs(names, lp, plans, R)
-    else:
-        inputs = _answer_inputs(names, lp, plans, row_pairs)
     inputs["member"] = member
     return inputs, metrics
 
@@ -319,38 +246,6 @@ def _membership(passes: ScorerPasses, ids: list[list[int]], starts: list[int], e
     return reasons, row_pairs
 
 
-def _continuation_inputs(names: list[str], lp: Tensor, plans: dict[int, dict], R: int) -> dict[str, object]:
-    """`logp_<name>` [R, K] per context (C's tokens, position by position) and `cont_mask`."""
-    K = max([len(plan[names[0]]) for plan in plans.values()] or [0])
-    logp = {name: torch.zeros(R, K, dtype=torch.float64) for name in names}
-    mask = torch.zeros(R, K, dtype=torch.bool)
-    for i, plan in plans.items():
-        for name, idx in plan.items():
-            logp[name][i, : len(idx)] = lp[idx]
-        mask[i, : len(plan[names[0]])] = True
-    return {**{f"logp_{name}": x for name, x in logp.items()}, "cont_mask": mask}
-
-
-def _answer_inputs(names: list[str], lp: Tensor, plans: dict[int, dict], row_pairs: list[AnswerPair]) -> dict[str, object]:
-    """`gold_logp_<name>`, `decoy_logp_<name>` [R, K] at the divergent positions, `belief_<name>`
-    [R] per context, and `divergent_mask` [R, K]."""
-    R = len(row_pairs)
-    K = max([len(p.gold) for p in row_pairs] or [0])
-    g = {name: torch.zeros(R, K, dtype=torch.float64) for name in names}
-    d = {name: torch.zeros(R, K, dtype=torch.float64) for name in names}
-    div = torch.zeros(R, K, dtype=torch.bool)
-    for i, plan in plans.items():
-        ks = row_pairs[i].divergent
-        div[i, ks] = True
-        for name in names:
-            g[name][i, ks], d[name][i, ks] = lp[plan[name][0]], lp[plan[name][1]]
-    inputs: dict[str, object] = {"divergent_mask": div}
-    for name in names:
-        inputs[f"gold_logp_{name}"], inputs[f"decoy_logp_{name}"] = g[name], d[name]
-        inputs[f"belief_{name}"] = belief(g[name], d[name], div)
-    return inputs
-
-
 def _context(kind: str, prompt: list[int], completion: list[int], start: int, end: int, placebo: list[int]) -> list[int]:
     """The token ids of scoring context `kind` (registry.CONTEXTS) of one rollout whose first
     closed meta block M spans completion[start:end + 1]."""
@@ -372,7 +267,8 @@ def _add_continuation(passes: TeacherForcedPasses, ctx: list[int], cont: list[in
 def _add_belief(passes: TeacherForcedPasses, ctx: list[int], pair: AnswerPair) -> tuple[list[int], list[int]]:
     """Reads of the gold and decoy log-probs at each divergent position after `ctx` (aligned with
     `pair.divergent`). The first divergent position is read from the gold pass for both answers
-    (identical prefixes there); the decoy pass runs only for later divergent positions."""
+    (identical prefixes there: the fused path takes one dot product from that row, the reference
+    path two log-probs); the decoy pass runs only for later divergent positions."""
     ks, n = pair.divergent, len(ctx)
     idx = passes.add(ctx + pair.gold, [(n + k, pair.gold[k]) for k in ks] + [(n + ks[0], pair.decoy[ks[0]])])
     gold_idx, decoy_idx = idx[: len(ks)], idx[len(ks):]

@@ -6,13 +6,20 @@ scores every token of C three ways, each context spliced at token level so the a
 by position: after P+M (real), after P alone (without), after P+placebo (placebo). Per token
 `d_real = logp_real - logp_without`, `d_plac = logp_placebo - logp_without`;
 `x = agg(d_real) - agg(d_plac)`, `R = gate(x, correct, 0.1085)`.
+
+`pmi_reward` is the float64 formula; `pmi_fused` is the scorer's ops path: each `agg` by the
+dispatched `clipped_mean_min` kernel (x = logp - logp_without inside it, float64), gated in float64
+here; equal to `pmi_reward` on the same log-probs (tests/test_rewards_fused.py).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from selfdistill import ops
 from selfdistill.rewards.common import (
     NAN,
     any_nonfinite,
@@ -45,7 +52,11 @@ def pmi_aggregate(d: Tensor, mask: Tensor, agg: str) -> Tensor:
         return masked_sum(dc, mask)
     if agg == "mean_min":
         return masked_mean(dc, mask) + MIN_WEIGHT * masked_min(dc, mask)
-    raise ValueError(f"pmi agg {agg!r} is not valid; choose one of {', '.join(PMI_AGGS)} (config reward.agg)")
+    raise _bad_agg(agg)
+
+
+def _bad_agg(agg: str) -> ValueError:
+    return ValueError(f"pmi agg {agg!r} is not valid; choose one of {', '.join(PMI_AGGS)} (config reward.agg)")
 
 
 def pmi_reward(
@@ -86,6 +97,33 @@ def pmi_reward(
     x = pmi_aggregate(real - without, mask, agg) - pmi_aggregate(plac - without, mask, agg)
     x = torch.where(bad, torch.full_like(x, NAN), x)
     return apply_membership(gate(x, correct, PMI_CAP), member, "pmi_reward")
+
+
+def _fused_aggregate(logp: Tensor, logp_without: Tensor, mask: Tensor, agg: str) -> Tensor:
+    """`pmi_aggregate(logp - logp_without, mask, agg)` by `ops.dispatched_clipped_mean_min` (float64):
+    mean = no clip, no min term; sum_clip = the clipped mean times the row's token count."""
+    if agg == "mean":
+        return ops.dispatched_clipped_mean_min(logp, mask, math.inf, 0.0, minus=logp_without)
+    if agg == "sum_clip":
+        return ops.dispatched_clipped_mean_min(logp, mask, DIFF_CLIP, 0.0, minus=logp_without) * mask.sum(-1)
+    if agg == "mean_min":
+        return ops.dispatched_clipped_mean_min(logp, mask, DIFF_CLIP, MIN_WEIGHT, minus=logp_without)
+    raise _bad_agg(agg)
+
+
+def pmi_fused(logp_real: Tensor, logp_without: Tensor, logp_placebo: Tensor, cont_mask: Tensor, correct: Tensor,
+              agg: str = "mean", *, member: Tensor) -> Tensor:
+    """`pmi_reward` (same parameters) through the dispatched row reductions: the three log-prob sets [R, T] (fp32 fused
+    token log-probs, on the scorer's device), cont_mask [R, T], correct and member bool [R].
+    Returns float64 [R] on that device."""
+    if not (logp_real.shape == logp_without.shape == logp_placebo.shape) or logp_real.dim() != 2:
+        raise ValueError(f"pmi_fused: logp_real {tuple(logp_real.shape)}, logp_without {tuple(logp_without.shape)} and "
+                         f"logp_placebo {tuple(logp_placebo.shape)} must all be [R, T]")
+    device = logp_real.device
+    mask = as_bool(cont_mask, "cont_mask").to(device)
+    x = _fused_aggregate(logp_real, logp_without, mask, agg) - _fused_aggregate(logp_placebo, logp_without, mask, agg)
+    return apply_membership(gate(x, as_bool(correct, "correct").to(device), PMI_CAP), as_bool(member, "member").to(device),
+                            "pmi_fused")
 
 
 def pmi_metrics(logp_real: Tensor, logp_without: Tensor, logp_placebo: Tensor, cont_mask: Tensor,

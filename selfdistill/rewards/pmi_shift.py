@@ -7,6 +7,10 @@ after the meta block.
 scale = 1, eps = 0, so R lies in [-2*scale - 2, 2*scale + 1] = [-4, 3]. Not gated by correctness:
 the block is rewarded for moving belief toward gold, with a bonus for crossing from the decoy side
 to the gold side and a larger penalty for the reverse flip.
+
+`pmi_shift_reward` is the float64 formula; `pmi_shift_fused` is the scorer's ops path (the shift and
+flips by the dispatched `belief_shift` kernel, in float64 on the contrast op's float64 beliefs),
+equal to it (tests/test_rewards_fused.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from selfdistill.rewards.common import NAN, apply_membership, as_float64, belief_shift_metrics, clip
+from selfdistill import ops
+from selfdistill.rewards.common import NAN, apply_membership, as_bool, as_float64, belief_shift_metrics, clip, nonfinite_to_nan
 
 SHIFT_CLIP = 2.0
 FLIP_TO_GOLD_BONUS = 1.0
@@ -54,6 +59,20 @@ def pmi_shift_reward(
     bad = ~torch.isfinite(b_open) | ~torch.isfinite(b_close) | ~torch.isfinite(r)
     r = torch.where(bad, torch.full_like(r, NAN), r)
     return apply_membership(r, member, "pmi_shift_reward")
+
+
+def pmi_shift_fused(belief_open: Tensor, belief_close: Tensor, *, member: Tensor, scale: float = DEFAULT_SCALE,
+                    eps: float = DEFAULT_EPS) -> Tensor:
+    """`pmi_shift_reward` (same parameters) through `ops.dispatched_belief_shift` (the backend's float64 kernel: the
+    clipped shift and the flips at +-eps); the bonus and penalty are added in float64 here.
+    Beliefs [R] on the scorer's device (float64 from `ops.dispatched_gold_decoy_contrast`);
+    returns float64 [R] there, NaN for non-members."""
+    if eps < 0:
+        raise ValueError(f"pmi_shift_fused: eps={eps} must be >= 0")
+    clipped, flip = ops.dispatched_belief_shift(as_float64(belief_open, "belief_open"),
+                                                as_float64(belief_close, "belief_close"), SHIFT_CLIP, eps)
+    r = scale * clipped + FLIP_TO_GOLD_BONUS * (flip > 0).to(clipped.dtype) - FLIP_TO_DECOY_PENALTY * (flip < 0).to(clipped.dtype)
+    return apply_membership(nonfinite_to_nan(r), as_bool(member, "member").to(r.device), "pmi_shift_fused")
 
 
 def pmi_shift_metrics(belief_open: Tensor, belief_close: Tensor, values: Tensor) -> dict[str, float]:

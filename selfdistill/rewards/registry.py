@@ -4,10 +4,15 @@ Every arm has the correctness head (`base.correctness_reward`, +1 / -1); a meta 
 head, and its entry says everything the scorer (`meta_scorer.score_meta_head`) needs to compute
 it, so the scorer knows no arm by name and a new arm is an entry plus its pure function:
 
-- meta_fn: the head's pure function, called with the inputs its parameter names ask for (below).
-  A parameter with a default that no input supplies keeps its default (pmi_shift's scale and
-  eps, asym_cf's alpha, beta, gamma); a required one that no input supplies fails when the entry
-  is made.
+- meta_fn: the head's pure function, the float64 formula of SPEC section 2, called with the inputs
+  its parameter names ask for (below). A parameter with a default that no input supplies keeps its
+  default (pmi_shift's scale and eps, asym_cf's alpha, beta, gamma); a required one that no input
+  supplies fails when the entry is made.
+- fused_fn: optional, the same head through the fused ops (`selfdistill.ops`, every backend): what
+  the scorer runs when the entry has one, on the fused inputs below. Its reductions accumulate and
+  decide in float64, so it equals meta_fn on the same per-position values up to the order of
+  float64 additions (every threshold decided alike; tests/test_rewards_fused.py). An entry without
+  one is scored through meta_fn on the reference inputs (a vocabulary pass per read).
 - meta_head: the head's name in the heads dict and in metrics (`reward/<head>/...`).
 - meta_route: where its advantage goes (SPEC section 4): ROUTE_META or ROUTE_ANSWER_WITH_ARM.
 - passes (`ScorerPasses`): the frozen scorer's teacher-forced passes and the membership rules of
@@ -22,7 +27,7 @@ Inputs by name (R rollouts):
     group_ids            long [R]: the rollout's prompt
     emitted_meta         bool [R]: the rollout holds a meta block (`MetaRegions.emitted`)
     agg                  str: `reward.agg`
-  with passes:
+  with passes (reference inputs, for meta_fn):
     member               bool [R]: the membership rules of SPEC section 2 hold
     target "continuation", per context name n:
       logp_<n>           float64 [R, K]: log p of C's tokens teacher-forced after context n
@@ -32,6 +37,14 @@ Inputs by name (R rollouts):
                          tokens after context n (read at divergent positions only)
       belief_<n>         float64 [R]: B(context n) of SPEC section 1
       divergent_mask     bool [R, K]
+  with passes (fused inputs, for fused_fn; on the scorer's device):
+    member, cont_mask, divergent_mask  as above
+    target "continuation": logp_<n> fp32 [R, K], the fused-linear token log-probs
+    target "answers": contrast_<n> fp32 [R, K] (log p(gold) - log p(decoy) per divergent position,
+                         0 elsewhere; the first one a dot product with W[gold] - W[decoy]) and
+                         belief_<n> float64 [R] (`ops.dispatched_gold_decoy_contrast`)
+  metrics_fn is called with whichever set the scorer computed, so it may ask only for the names
+  both sets share (belief_<n>, logp_<n>, the masks, member) besides the base inputs and `values`.
 """
 
 from __future__ import annotations
@@ -42,10 +55,10 @@ from typing import Callable, Mapping, Optional
 
 from selfdistill.rewards.asym_cf import asym_cf_metrics, asym_cf_reward
 from selfdistill.rewards.cf import cf_metrics, cf_reward
-from selfdistill.rewards.gm import gm_metrics, gm_reward
+from selfdistill.rewards.gm import gm_fused, gm_metrics, gm_reward
 from selfdistill.rewards.guards import Guard, membership_reason, pmi_guard_reason
-from selfdistill.rewards.pmi import pmi_metrics, pmi_reward
-from selfdistill.rewards.pmi_shift import pmi_shift_metrics, pmi_shift_reward
+from selfdistill.rewards.pmi import pmi_fused, pmi_metrics, pmi_reward
+from selfdistill.rewards.pmi_shift import pmi_shift_fused, pmi_shift_metrics, pmi_shift_reward
 
 CORRECTNESS_HEAD = "correctness"
 ROUTE_META = "meta"  # the advantage goes to the meta tokens
@@ -95,12 +108,20 @@ class ScorerPasses:
 
     @property
     def inputs(self) -> frozenset[str]:
-        """The input names these passes supply."""
+        """The reference input names these passes supply (for meta_fn)."""
         names = [name for name, _ in self.contexts]
         if self.target == TARGET_CONTINUATION:
             return frozenset({"member", "cont_mask", *(f"logp_{n}" for n in names)})
         return frozenset({"member", "divergent_mask",
                           *(f"{kind}_{n}" for n in names for kind in ("gold_logp", "decoy_logp", "belief"))})
+
+    @property
+    def fused_inputs(self) -> frozenset[str]:
+        """The fused input names these passes supply (for fused_fn)."""
+        names = [name for name, _ in self.contexts]
+        if self.target == TARGET_CONTINUATION:
+            return self.inputs
+        return frozenset({"member", "divergent_mask", *(f"{kind}_{n}" for n in names for kind in ("contrast", "belief"))})
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,7 @@ class RewardSpec:
     meta_route: Optional[str]  # one of META_ROUTES; None for base
     passes: Optional[ScorerPasses] = None  # None: no scorer pass (base, cf, asym_cf)
     metrics_fn: Optional[Callable[..., dict]] = None
+    fused_fn: Optional[Callable[..., object]] = None  # the head through selfdistill.ops (module docstring)
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -131,8 +153,15 @@ class RewardSpec:
 
     @property
     def inputs(self) -> frozenset[str]:
-        """The input names the scorer supplies to this entry's functions."""
+        """The reference input names the scorer supplies to meta_fn."""
         return BASE_INPUTS | (self.passes.inputs if self.passes is not None else frozenset())
+
+    @property
+    def metric_inputs(self) -> frozenset[str]:
+        """The input names metrics_fn may ask for: those of every path the scorer may run."""
+        if self.fused_fn is None or self.passes is None:
+            return self.inputs
+        return BASE_INPUTS | (self.passes.inputs & self.passes.fused_inputs)
 
     def __post_init__(self) -> None:
         if (self.meta_fn is None) != (self.meta_head is None) or (self.meta_head is None) != (self.meta_route is None):
@@ -143,10 +172,14 @@ class RewardSpec:
             raise ValueError(f"RewardSpec {self.name!r}: meta_head may not be {CORRECTNESS_HEAD!r} (every arm has that head)")
         if self.meta_fn is None and (self.passes is not None or self.metrics_fn is not None):
             raise ValueError(f"RewardSpec {self.name!r}: passes and metrics_fn need a meta head (meta_fn)")
+        if self.fused_fn is not None and self.passes is None:
+            raise ValueError(f"RewardSpec {self.name!r}: fused_fn runs on scorer passes; the entry declares none")
         if self.meta_fn is not None:
             _check_binding(self.meta_fn, self.inputs, f"RewardSpec {self.name!r}: meta_fn")
+        if self.fused_fn is not None:
+            _check_binding(self.fused_fn, BASE_INPUTS | self.passes.fused_inputs, f"RewardSpec {self.name!r}: fused_fn")
         if self.metrics_fn is not None:
-            _check_binding(self.metrics_fn, self.inputs | {"values"}, f"RewardSpec {self.name!r}: metrics_fn")
+            _check_binding(self.metrics_fn, self.metric_inputs | {"values"}, f"RewardSpec {self.name!r}: metrics_fn")
 
 
 def _check_binding(fn: Callable, available: frozenset[str], where: str) -> None:
@@ -174,20 +207,20 @@ REWARDS: dict[str, RewardSpec] = {
             (("real", CONTEXT_PREFIX_META), ("without", CONTEXT_PREFIX), ("placebo", CONTEXT_PREFIX_PLACEBO)),
             needs_continuation=True, guard=pmi_guard_reason,
         ),
-        metrics_fn=pmi_metrics,
+        metrics_fn=pmi_metrics, fused_fn=pmi_fused,
     ),
     "cf": RewardSpec("cf", cf_reward, "cf", ROUTE_ANSWER_WITH_ARM, metrics_fn=cf_metrics),
     "gm": RewardSpec(
         "gm", gm_reward, "gm", ROUTE_META,
         passes=ScorerPasses(TARGET_ANSWERS, (("meta", CONTEXT_PREFIX_META), ("placebo", CONTEXT_PREFIX_PLACEBO)),
                             needs_continuation=True),
-        metrics_fn=gm_metrics,
+        metrics_fn=gm_metrics, fused_fn=gm_fused,
     ),
     "asym_cf": RewardSpec("asym_cf", asym_cf_reward, "asym_cf", ROUTE_ANSWER_WITH_ARM, metrics_fn=asym_cf_metrics),
     "pmi_shift": RewardSpec(
         "pmi_shift", pmi_shift_reward, "pmi_shift", ROUTE_META,
         passes=ScorerPasses(TARGET_ANSWERS, (("open", CONTEXT_PREFIX), ("close", CONTEXT_PREFIX_META))),
-        metrics_fn=pmi_shift_metrics,
+        metrics_fn=pmi_shift_metrics, fused_fn=pmi_shift_fused,
     ),
 }
 
