@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from selfdistill.algo.logprobs import completion_logprobs
+from selfdistill.algo.logprobs import completion_logprobs, packing_scope
 from selfdistill.algo.sft import encode_solutions, sft_loss
 from selfdistill.data import encode_prompt, load_splits
 from selfdistill.engine import build_engine
@@ -37,9 +37,10 @@ def _engine(*overrides: str):
 
 def _loss_and_grads(engine) -> tuple[float, dict[str, torch.Tensor]]:
     prompts, comps, mask = global_batch(0, rows=4, length=9)
-    logp, _ = completion_logprobs(engine.model, prompts, comps, mask, pad_id=0)
-    loss = -(logp * torch.linspace(-1, 1, logp.shape[1])).mean()  # signed weights: a GRPO-like objective
-    engine.backward(loss)
+    with packing_scope(engine.model):  # as the update holds it: packed rows under checkpointing too
+        logp, _ = completion_logprobs(engine.model, prompts, comps, mask, pad_id=0)
+        loss = -(logp * torch.linspace(-1, 1, logp.shape[1])).mean()  # signed weights: a GRPO-like objective
+        engine.backward(loss)
     return float(loss.detach()), {n: p.grad.clone() for n, p in engine.unwrapped().named_parameters()}
 
 

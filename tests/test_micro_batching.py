@@ -94,9 +94,13 @@ def test_micro_batches_with_two_minibatches_use_the_behaviour_logprobs():
     (s0, g0), (s1, g1) = results
     assert s0["ratio_mean"] != 1.0  # the second minibatch saw a moved policy
     assert s1["ratio_mean"] == pytest.approx(s0["ratio_mean"], rel=1e-5)
-    for step in range(2):  # the first minibatch's gradient, then the second's (after one Adam step)
-        for n, g in g0[step].items():
-            torch.testing.assert_close(g1[step][n], g, rtol=1e-3, atol=1e-6, msg=f"minibatch {step} {n}")
+    for n, g in g0[0].items():  # the first minibatch's gradient
+        torch.testing.assert_close(g1[0][n], g, rtol=1e-3, atol=1e-6, msg=f"minibatch 0 {n}")
+    # The second's, after one Adam step at lr 1e-2: Adam divides each gradient by its own RMS, so the
+    # float rounding of a near-zero first gradient (other micro-batches, other packing) moves its
+    # weight by up to ~lr; compared at the scale of each gradient tensor.
+    for n, g in g0[1].items():
+        torch.testing.assert_close(g1[1][n], g, rtol=1e-3, atol=1e-3 * float(g.abs().max()), msg=f"minibatch 1 {n}")
 
 
 def test_row_chunks():

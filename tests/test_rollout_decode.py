@@ -14,6 +14,7 @@ from selfdistill.algo import grpo
 from selfdistill.config import ModelConfig, TinyModelConfig
 from selfdistill.models import load_model_and_tokenizer
 from selfdistill.rollout import MetaMode, decode as decode_module
+from selfdistill.rollout.direct_step import DirectDecoder
 from selfdistill.rollout.hf import HFRolloutBackend, stop_token_ids
 from selfdistill.rollout.sampling import sample_tokens
 from tests.conftest import TINY_RUN, compose_config
@@ -100,16 +101,17 @@ def test_backend_matches_row_by_row_reference(tiny, temperature, top_p, greedy):
             assert not set(row) & set(backend.meta_ids)
 
 
-@pytest.mark.parametrize("share_prefix,compact,max_rows_per_call", [
-    (False, True, None), (True, False, None), (False, False, None), (True, True, 1), (True, True, 5), (False, True, 4),
+@pytest.mark.parametrize("share_prefix,compact,max_rows_per_call,direct_step", [
+    (False, True, None, True), (True, False, None, True), (False, False, None, True), (True, True, 1, True),
+    (True, True, 5, True), (False, True, 4, True), (True, True, None, False), (False, False, 3, False),
 ])
 @pytest.mark.parametrize("greedy", [False, True])
-def test_speedups_do_not_change_tokens(tiny, share_prefix, compact, max_rows_per_call, greedy):
+def test_speedups_do_not_change_tokens(tiny, share_prefix, compact, max_rows_per_call, direct_step, greedy):
     model, tok = tiny
     prompts = _mixed_prompts(tok)
     kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, greedy=greedy, seeds=MIXED["seeds"])
     default = HFRolloutBackend(model, tok).generate(prompts, MIXED["modes"], **kw)
-    other = HFRolloutBackend(model, tok, share_prefix=share_prefix, compact=compact).generate(
+    other = HFRolloutBackend(model, tok, share_prefix=share_prefix, compact=compact, direct_step=direct_step).generate(
         prompts, MIXED["modes"], max_rows_per_call=max_rows_per_call, **kw)
     assert torch.equal(other.completion_ids, default.completion_ids)
     assert torch.equal(other.completion_mask, default.completion_mask) and torch.equal(other.forced_mask, default.forced_mask)
@@ -131,16 +133,21 @@ def test_a_row_alone_equals_the_row_in_a_batch_of_64(tiny):
     assert len({tuple(r) for r in _rows(batch)[:5 * 3:5]}) == 3, "same prompt, other seeds: other samples"
 
 
-def test_prefix_is_prefilled_once_and_finished_rows_leave_the_batch(tiny):
-    """Spy on the model's forwards: the first runs the 5 distinct prefixes of 12 rows (one
-    placebo prefix among them), later ones shrink as rows stop."""
+@pytest.mark.parametrize("direct_step", [True, False])
+def test_prefix_is_prefilled_once_and_finished_rows_leave_the_batch(tiny, monkeypatch, direct_step):
+    """Spy on the forwards: the first (the HF model's prefill) runs the 5 distinct prefixes of 12
+    rows (one placebo prefix among them), later ones (the decode steps: `DirectDecoder`'s, or the
+    HF model's with `direct_step=False`) shrink as rows stop."""
     model, tok = tiny
     batches = []
     handle = model.register_forward_pre_hook(lambda _m, _a, kw: batches.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    direct_call = DirectDecoder.__call__
+    monkeypatch.setattr(DirectDecoder, "__call__", lambda self, m, ids, *a: batches.append(tuple(ids.shape)) or direct_call(self, m, ids, *a))
     try:
         prompts = [p for p in _prompts(tok, 4) for _ in range(3)]
         modes = [A, A, P] * 4
-        HFRolloutBackend(model, tok).generate(prompts, modes, seeds=list(range(12)), max_new_tokens=30, temperature=1.0, top_p=1.0)
+        HFRolloutBackend(model, tok, direct_step=direct_step).generate(prompts, modes, seeds=list(range(12)), max_new_tokens=30,
+                                                                       temperature=1.0, top_p=1.0)
     finally:
         handle.remove()
     assert batches[0][0] == 8  # 4 prompts, each plain and with the placebo block

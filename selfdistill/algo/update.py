@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from selfdistill.algo.logprobs import CompletionOutputs, completion_logprobs, completion_outputs
+from selfdistill.algo.logprobs import CompletionOutputs, completion_logprobs, completion_outputs, packing_scope
 from selfdistill.rollout.base import RolloutBatch
 
 
@@ -132,7 +132,9 @@ def run_update(engine, batch: RolloutBatch, terms: list[LossTerm], *, pad_id: in
             mb_tokens = float((loss_mask[rows] != 0).sum())
             loss_value, stats = 0.0, {}
             for j, micro in enumerate(chunks):
-                with engine.accumulation(last=j == len(chunks) - 1):
+                # packing_scope: the rows are packed (selfdistill.algo.packing) also when the backward
+                # recomputes the forward (activation checkpointing)
+                with engine.accumulation(last=j == len(chunks) - 1), packing_scope(engine.model):
                     if micro.numel() == 0:
                         _zero_weight_pass(engine, filler, pad_id, temperature)
                         continue

@@ -13,8 +13,10 @@ practice; the tests compare token ids bitwise). Positions follow the attention m
 `selfdistill.algo.logprobs.build_sequences`: a prefix's first real token is at position 0, so
 left padding changes nothing.
 
-Forwards are the HF model's own (any HF decoder with full attention); the loop owns the cache,
-the masks, the sampling and the stopping. Under `lockstep` (FSDP2 without gathered weights) a
+The prefill is the HF model's own forward (any HF decoder with full attention); decode steps run
+`DirectDecoder` (the same decoder math straight from the model's weights, without the HF forward's
+fixed cost per call; Qwen3 / Qwen2 / Llama) where it applies, else the HF forward. The loop owns
+the cache, the masks, the sampling and the stopping. Under `lockstep` (FSDP2 without gathered weights) a
 rank that is done keeps joining its peers' forwards until every rank is done.
 """
 
@@ -29,6 +31,7 @@ from transformers.cache_utils import DynamicCache
 
 from selfdistill.rollout import compiled as compiled_step
 from selfdistill.rollout import lockstep
+from selfdistill.rollout.direct_step import DirectDecoder
 from selfdistill.rollout.kv_cache import RowKVCache
 from selfdistill.rollout.sampling import sample_tokens
 
@@ -50,6 +53,7 @@ class DecodeOptions:
     share_prefix: bool = True  # prefill each distinct prefix once (else once per row)
     compact: bool = True  # finished rows leave the batch
     compiled: bool = False  # torch.compile'd decode step over a static cache (`selfdistill.rollout.compiled`)
+    direct: bool = True  # eager steps by `DirectDecoder` where it applies (else the HF forward)
 
 
 def distinct_prefixes(prefixes: list[list[int]]) -> tuple[list[list[int]], Tensor]:
@@ -106,7 +110,7 @@ def decode(model, prefixes: list[list[int]], seeds: Tensor, params: SamplingPara
     logits = logits.index_select(0, source)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     out = torch.full((R, T), pad_id, dtype=torch.long, device=device)
-    step = compiled_step.compiled_decode_step(model) if options.compiled else compiled_step.decode_step
+    step = compiled_step.compiled_decode_step(model) if options.compiled else _eager_step(model, options)
     sampler = compiled_step.compiled_sampler() if options.compiled else sample_tokens
     packed = options.compiled and compiled_step.uses_packed_attention(model)
     t = 0
@@ -133,6 +137,16 @@ def decode(model, prefixes: list[list[int]], seeds: Tensor, params: SamplingPara
                 mask = batch.mask if options.compiled else batch.mask[:, : P + t]
             logits = step(model, tokens[:, None], (batch.positions + t - 1)[:, None], mask, cache)
     return out.cpu()
+
+
+def _eager_step(model, options: DecodeOptions):
+    """`DirectDecoder` where it applies; the HF forward otherwise and in lockstep (whose peers'
+    filler forwards are HF forwards over sharded weights)."""
+    if options.direct and not lockstep.in_lockstep():
+        direct = DirectDecoder.build(model)
+        if direct is not None:
+            return direct
+    return compiled_step.decode_step
 
 
 def _prefill(model, prefixes: list[list[int]], pad_id: int, device) -> tuple[Tensor, DynamicCache, Tensor]:

@@ -31,16 +31,17 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 class HFRolloutBackend:
-    """`share_prefix` / `compact` exist for tests and benchmarks: neither changes a row's tokens."""
+    """`share_prefix` / `compact` / `direct_step` exist for tests and benchmarks: none changes a row's
+    tokens (`direct_step=False` decodes with the HF forward instead of `DirectDecoder`)."""
 
-    def __init__(self, model, tokenizer, *, share_prefix: bool = True, compact: bool = True):
+    def __init__(self, model, tokenizer, *, share_prefix: bool = True, compact: bool = True, direct_step: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.meta_ids = list(meta_token_ids(tokenizer))
         self.placebo_ids = tokenizer(META_OPEN + PLACEBO_TEXT + META_CLOSE, add_special_tokens=False)["input_ids"]
         self.pad_id = tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(model, tokenizer)
-        self.share_prefix, self.compact = share_prefix, compact
+        self.share_prefix, self.compact, self.direct_step = share_prefix, compact, direct_step
 
     def generate(self, prompt_ids, meta_modes, *, max_new_tokens, temperature, top_p, greedy=False, seeds=None,
                  max_rows_per_call: int | None = None, compile: bool = False) -> RolloutBatch:
@@ -59,7 +60,7 @@ class HFRolloutBackend:
         seeds = torch.as_tensor(seeds, dtype=torch.long)
         ban_rows = torch.tensor([m == MetaMode.BAN for m in meta_modes], dtype=torch.bool)
         params = SamplingParams(max_new_tokens, temperature, top_p, greedy)
-        options = DecodeOptions(share_prefix=self.share_prefix, compact=self.compact, compiled=compile)
+        options = DecodeOptions(share_prefix=self.share_prefix, compact=self.compact, compiled=compile, direct=self.direct_step)
         step = max_rows_per_call or max(R, 1)
         device = next(self.model.parameters()).device
         calls = lockstep.max_over_ranks(-(-R // step), device)  # in lockstep every rank makes as many calls

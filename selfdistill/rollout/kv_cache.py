@@ -90,13 +90,12 @@ class RowKVCache(Cache):
         return self.layers[0].keys.shape[2]
 
     def select_rows(self, keep: Tensor) -> None:
-        """Keep the rows `keep` (in that order); only the filled columns are copied."""
+        """Keep the rows `keep` (in that order): one gather per buffer, whole rows (the columns not
+        yet written hold the zeros they were allocated with, which the static cache's masked
+        attention relies on)."""
         n = self.length
         for i, layer in enumerate(self.layers):
-            keys = layer.keys.new_zeros((len(keep), *layer.keys.shape[1:]))
-            values = layer.values.new_zeros((len(keep), *layer.values.shape[1:]))
-            keys[:, :, :n] = layer.keys[:, :, :n].index_select(0, keep)
-            values[:, :, :n] = layer.values[:, :, :n].index_select(0, keep)
+            keys, values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
             self.layers[i] = _static_layer(keys, values, n) if self.static else GrowingLayer(keys, values, n)
 
 
