@@ -9,7 +9,8 @@ with the error), never a half-written file. Schema `selfdistill.manifest/1`:
     error ({type, message, traceback} or null), started_at, ended_at (ISO 8601 UTC), resumed_from
     (the checkpoint this attempt continued, or null), argv (the command line),
     config (resolved), config_sha256 (of its canonical JSON), git ({commit or "unknown", dirty}),
-    packages ({name: version or null}), grader ({source_sha256, math_verify}),
+    code ({sha256, files}: the package's source as it ran, see `code_state`; absent in manifests
+    written before it was added), packages ({name: version or null}), grader ({source_sha256, math_verify}),
     decoys ({source_sha256, seed}), data ({source, synthetic generator config or null,
     files: {train|eval|val: {path, sha256}}, splits: {train|heldin|heldout: {n, sha256}}}),
     world_size, hardware ({hostname, platform, python, cpus, device, accelerators}),
@@ -96,6 +97,41 @@ def git_state(path: str = _PKG_DIR) -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+CODE_PACKAGES = ("selfdistill", "selfdistill.kernels", "selfdistill.conf", "selfdistill.csrc")
+CODE_SUFFIXES = (".py", ".yaml", ".cpp", ".cu", ".h", ".cuh")
+CODE_PATHS = ("selfdistill", "kernels", "conf", "csrc", "pyproject.toml")  # the same code, as checkout paths
+
+
+def code_state() -> dict:
+    """{sha256, files} of the code that ran: every source file (Python, Hydra configs, C++/CUDA) of
+    the package and its mapped subpackages, keyed by its package-relative name, in sorted order.
+
+    The same code hashes the same in a checkout, an editable or a regular install, whatever else the
+    checkout holds (README, results) and whether or not it is committed, so the report's twin audit
+    compares this rather than git commits (which change with every documentation commit)."""
+    import importlib.util
+
+    roots = {}
+    for name in CODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            roots[name] = os.path.realpath(list(spec.submodule_search_locations)[0])
+    nested = set(roots.values())
+    files = {}
+    for name, root in roots.items():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__"
+                                 and os.path.realpath(os.path.join(dirpath, d)) not in nested)
+            for fn in filenames:
+                if fn.endswith(CODE_SUFFIXES):
+                    path = os.path.join(dirpath, fn)
+                    files[f"{name}/{os.path.relpath(path, root)}"] = path
+    h = hashlib.sha256()
+    for key in sorted(files):
+        h.update(key.encode("utf-8") + b"\0" + file_sha256(files[key]).encode("ascii") + b"\0")
+    return {"sha256": h.hexdigest(), "files": len(files)}
+
+
 def hardware(device: Optional[str] = None) -> dict:
     info = {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
             "cpus": os.cpu_count(), "device": device, "accelerators": []}
@@ -164,7 +200,7 @@ class RunManifest:
             "arm": config["reward"]["name"], "seed": config["seed"], "status": "running", "error": None,
             "started_at": now(), "ended_at": None, "resumed_from": None, "argv": list(sys.argv),
             "config": config, "config_sha256": canonical_sha256(config), "git": git_state(),
-            "packages": package_versions(),
+            "code": code_state(), "packages": package_versions(),
             "grader": {"source_sha256": _sources_sha256("rewards/grader.py", "rewards/regions.py"),
                        "math_verify": metadata.version("math-verify")},
             "decoys": {"source_sha256": _sources_sha256("data/decoys.py"), "seed": config["data"]["decoy_seed"]},

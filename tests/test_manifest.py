@@ -38,6 +38,7 @@ def test_a_finished_run_has_a_complete_manifest(tiny_config, tmp_path, monkeypat
     assert (m["arm"], m["seed"], m["world_size"], m["experiment_name"]) == ("base", 0, 1, "demo")
     assert m["packages"]["torch"] and m["packages"]["math-verify"] and m["packages"]["hydra-core"]
     assert len(m["git"]["commit"]) == 40 or m["git"]["commit"] == "unknown"
+    assert m["code"] == mf.code_state() and m["code"]["files"] > 50
     assert set(m["grader"]) == {"source_sha256", "math_verify"} and m["decoys"]["seed"] == 42
     assert m["data"]["source"] == "synthetic" and m["data"]["synthetic"]["num_train"] == 64
     splits = m["data"]["splits"]
@@ -102,3 +103,24 @@ def test_writes_are_atomic(tmp_path):
 
 def test_git_commit_is_unknown_outside_a_checkout(tmp_path):
     assert mf.git_state(str(tmp_path)) == {"commit": "unknown", "dirty": None}
+
+
+def test_code_hash_covers_the_package_sources_only(tmp_path, monkeypatch):
+    pkg = tmp_path / "codepkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("a = 1\n")
+    (pkg / "conf.yaml").write_text("k: 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(mf, "CODE_PACKAGES", ("codepkg",))
+    first = mf.code_state()
+    assert first["files"] == 3
+    (pkg / "NOTES.md").write_text("docs are not code\n")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "a.py").write_text("cached\n")
+    assert mf.code_state() == first
+    (pkg / "sub" / "a.py").write_text("a = 2\n")
+    changed = mf.code_state()
+    assert changed["sha256"] != first["sha256"] and changed["files"] == 3
+    (pkg / "sub" / "a.py").write_text("a = 1\n")
+    assert mf.code_state() == first  # content, not modification time

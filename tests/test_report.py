@@ -214,3 +214,49 @@ def test_cli_writes_the_report_and_rejects_a_mistyped_key(pair_sweep, capsys):
         main([str(pair_sweep), "report.confidence=1.5"])
     with pytest.raises(SystemExit, match="no run with a manifest"):
         main([str(pair_sweep / "plots")])
+
+
+def _git(repo, *args):
+    import subprocess
+
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_code_check_compares_source_hashes_and_else_asks_git_whether_code_changed(tmp_path):
+    from selfdistill.report.audit import code_check
+
+    same, other = {"code": {"sha256": "a" * 64, "files": 3}}, {"code": {"sha256": "b" * 64, "files": 3}}
+    assert code_check(same, dict(same))["status"] == "pass"
+    assert code_check(other, same)["status"] == "fail"
+    # manifests without a source hash: a checkout where commit 2 changes only the README and
+    # commit 3 a file under selfdistill/
+    repo = str(tmp_path)
+    _git(repo, "init", "-q")
+    os.makedirs(os.path.join(repo, "selfdistill"))
+    for name, text in (("README.md", "a\n"), ("selfdistill/x.py", "x = 1\n")):
+        with open(os.path.join(repo, name), "w") as f:
+            f.write(text)
+    _git(repo, "add", "-A"), _git(repo, "commit", "-qm", "one")
+    c1 = _git(repo, "rev-parse", "HEAD")
+    with open(os.path.join(repo, "README.md"), "w") as f:
+        f.write("b\n")
+    _git(repo, "commit", "-qam", "docs")
+    c2 = _git(repo, "rev-parse", "HEAD")
+    with open(os.path.join(repo, "selfdistill/x.py"), "w") as f:
+        f.write("x = 2\n")
+    _git(repo, "commit", "-qam", "code")
+    c3 = _git(repo, "rev-parse", "HEAD")
+
+    def legacy(commit, dirty=False):
+        return {"git": {"commit": commit, "dirty": dirty}}
+
+    assert code_check(legacy(c1), legacy(c1), repo)["status"] == "pass"
+    docs_only = code_check(legacy(c2), legacy(c1), repo)
+    assert docs_only["status"] == "pass" and "only outside" in docs_only["detail"]
+    code = code_check(legacy(c3), legacy(c1), repo)
+    assert code["status"] == "fail" and "differ in code" in code["detail"]
+    unknown_history = code_check(legacy("f" * 40), legacy(c1), repo)
+    assert unknown_history["status"] == "fail" and "does not hold" in unknown_history["detail"]
+    assert code_check(legacy(c2, dirty=True), legacy(c1), repo)["status"] == "n/a"
+    assert code_check(legacy("unknown"), legacy(c1), repo)["status"] == "n/a"

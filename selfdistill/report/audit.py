@@ -14,13 +14,19 @@ does not apply (n/a), and a failed check marks the comparison without hiding it:
   decoys         the same decoy source and seed
   steps          the same evaluated (split, step) points
   finished       both runs finished
-  code           the same git commit (n/a when unknown or with uncommitted changes)
+  code           the same code: equal `code.sha256` (the package's source as it ran); for manifests
+                 without it, the same git commit, or two commits that differ only outside the code
+                 paths (`selfdistill.manifest.CODE_PATHS`) in this checkout's history; n/a when a
+                 commit is unknown or a run had uncommitted changes
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Optional
 
+from selfdistill.manifest import CODE_PATHS
 from selfdistill.report.runs import Run
 
 ARM_KEYS = ("experiment_name", "rollout.split_arms", "rollout.without_mode")
@@ -77,6 +83,37 @@ def _eval_points(run: Run) -> list[tuple[str, int]]:
     return sorted({(r["split"], r["step"]) for r in run.samples})
 
 
+def code_changed_between(a: str, b: str, repo: str) -> Optional[bool]:
+    """Whether commits `a` and `b` differ in a code path (`CODE_PATHS`), per the git history of the
+    checkout at `repo`; None when that history does not hold both commits."""
+    try:
+        proc = subprocess.run(["git", "diff", "--quiet", a, b, "--", *CODE_PATHS], cwd=repo, capture_output=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {0: False, 1: True}.get(proc.returncode)
+
+
+def code_check(arm_manifest: dict, base_manifest: dict, repo: Optional[str] = None) -> dict:
+    """The `code` check of a pair (module docstring); `repo`: the checkout whose git history decides
+    whether two commits differ in code (default: the one holding this package)."""
+    ca, cb = arm_manifest.get("code") or {}, base_manifest.get("code") or {}
+    if ca.get("sha256") and cb.get("sha256"):
+        return _equal("code", f"source hashes ({ca.get('files')} / {cb.get('files')} files)", ca["sha256"], cb["sha256"])
+    ga, gb = arm_manifest.get("git") or {}, base_manifest.get("git") or {}
+    a, b = ga.get("commit"), gb.get("commit")
+    if "unknown" in (a, b) or None in (a, b) or ga.get("dirty") or gb.get("dirty"):
+        return _check("code", "n/a", f"cannot verify: commits {b} / {a}, uncommitted changes {gb.get('dirty')} / "
+                                     f"{ga.get('dirty')}")
+    if a == b:
+        return _check("code", "pass", "identical git commits")
+    changed = code_changed_between(b, a, repo or os.path.dirname(os.path.abspath(__file__)))
+    if changed is False:
+        return _check("code", "pass", f"commits {b[:12]} / {a[:12]} differ only outside {', '.join(CODE_PATHS)}")
+    why = "differ in code" if changed else "differ and this checkout's history does not hold both"
+    return _check("code", "fail", f"git commits {why}: base {b!r} vs arm {a!r}")
+
+
 def audit_pair(arm: Run, base: Optional[Run]) -> dict:
     """The ledger entry of one arm run against its base twin."""
     if base is None:
@@ -99,12 +136,7 @@ def audit_pair(arm: Run, base: Optional[Run]) -> dict:
                                           f"only arm {sorted(set(pa) - set(pb))}"))
     checks.append(_check("finished", "pass", "both finished") if arm.finished and base.finished else
                   _check("finished", "fail", f"base {base.status}, arm {arm.status}"))
-    ga, gb = arm.manifest.get("git") or {}, base.manifest.get("git") or {}
-    if "unknown" in (ga.get("commit"), gb.get("commit")) or ga.get("dirty") or gb.get("dirty"):
-        checks.append(_check("code", "n/a", f"cannot verify: commits {gb.get('commit')} / {ga.get('commit')}, "
-                                            f"uncommitted changes {gb.get('dirty')} / {ga.get('dirty')}"))
-    else:
-        checks.append(_equal("code", "git commits", ga.get("commit"), gb.get("commit")))
+    checks.append(code_check(arm.manifest, base.manifest))
     return {"run": arm.name, "arm": arm.arm, "seed": arm.seed, "base_run": base.name, "checks": checks,
             "passed": all(c["status"] != "fail" for c in checks),
             "config_differences": {"disallowed": bad, "arm": arm_diff, "operational": ops}}
