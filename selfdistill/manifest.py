@@ -186,6 +186,13 @@ def read_manifest(run_dir: str) -> dict:
         return json.load(f)
 
 
+# Taken once, when the process imports this module: a process runs the code it imported at its start
+# (a Hydra multirun trains every job in one process), whatever happens to the files or the
+# checkout's HEAD while it runs.
+PROCESS_GIT = git_state()
+PROCESS_CODE = code_state()
+
+
 class RunManifest:
     """The manifest of one run; only the instance with `enabled` (rank 0) writes."""
 
@@ -199,8 +206,8 @@ class RunManifest:
             "schema": SCHEMA, "run_dir": os.path.abspath(run_dir), "experiment_name": config.get("experiment_name"),
             "arm": config["reward"]["name"], "seed": config["seed"], "status": "running", "error": None,
             "started_at": now(), "ended_at": None, "resumed_from": None, "argv": list(sys.argv),
-            "config": config, "config_sha256": canonical_sha256(config), "git": git_state(),
-            "code": code_state(), "packages": package_versions(),
+            "config": config, "config_sha256": canonical_sha256(config), "git": PROCESS_GIT,
+            "code": PROCESS_CODE, "packages": package_versions(),
             "grader": {"source_sha256": _sources_sha256("rewards/grader.py", "rewards/regions.py"),
                        "math_verify": metadata.version("math-verify")},
             "decoys": {"source_sha256": _sources_sha256("data/decoys.py"), "seed": config["data"]["decoy_seed"]},

@@ -38,7 +38,7 @@ def test_a_finished_run_has_a_complete_manifest(tiny_config, tmp_path, monkeypat
     assert (m["arm"], m["seed"], m["world_size"], m["experiment_name"]) == ("base", 0, 1, "demo")
     assert m["packages"]["torch"] and m["packages"]["math-verify"] and m["packages"]["hydra-core"]
     assert len(m["git"]["commit"]) == 40 or m["git"]["commit"] == "unknown"
-    assert m["code"] == mf.code_state() and m["code"]["files"] > 50
+    assert m["code"] == mf.code_state() == mf.PROCESS_CODE and m["code"]["files"] > 50 and m["git"] == mf.PROCESS_GIT
     assert set(m["grader"]) == {"source_sha256", "math_verify"} and m["decoys"]["seed"] == 42
     assert m["data"]["source"] == "synthetic" and m["data"]["synthetic"]["num_train"] == 64
     splits = m["data"]["splits"]
