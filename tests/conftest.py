@@ -30,6 +30,23 @@ def compose_config(overrides: list[str], typed: bool = True, check: bool = True)
     return OmegaConf.to_object(cfg) if typed else cfg
 
 
+def random_tiny_model(std: float = 0.3, **shape):
+    """(model, tokenizer): a tiny char-tokenizer model of `shape` (TinyModelConfig fields) whose
+    matrices are drawn from N(0, std) under seed 0; large weights give varied outputs."""
+    import torch
+
+    from selfdistill.config import ModelConfig, TinyModelConfig
+    from selfdistill.models import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(ModelConfig(tiny=TinyModelConfig(**shape)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, std)
+    return model, tok
+
+
 @pytest.fixture
 def tiny_config():
     return lambda extra=(): compose_config(["experiment=demo", *TINY_RUN, *extra])

@@ -10,12 +10,11 @@ import torch
 
 from selfdistill.algo import grpo, logprobs, packing
 from selfdistill.algo.logprobs import completion_outputs, packing_scope, uses_packing
-from selfdistill.config import ModelConfig, TinyModelConfig
 from selfdistill.engine import build_engine
 from selfdistill.engine.memory import enable_activation_checkpointing
 from selfdistill.models import load_model_and_tokenizer
 from selfdistill.rollout import build_rollout_backend
-from tests.conftest import TINY_RUN, compose_config
+from tests.conftest import TINY_RUN, compose_config, random_tiny_model
 
 PROMPTS = [[1, 5, 6, 7], [1, 5, 6, 7], [1, 9, 10], [1, 5, 6, 7], [1, 9, 10], [2]]  # shared and distinct, mixed lengths
 LENGTHS = [7, 3, 5, 1, 7, 4]
@@ -23,14 +22,8 @@ LENGTHS = [7, 3, 5, 1, 7, 4]
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model, _ = load_model_and_tokenizer(ModelConfig(tiny=TinyModelConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64)))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
+    return random_tiny_model(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             intermediate_size=64)[0]
 
 
 def _rows(T=7, seed=0):

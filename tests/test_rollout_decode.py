@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from selfdistill.algo import grpo
-from selfdistill.config import ModelConfig, TinyModelConfig
-from selfdistill.models import load_model_and_tokenizer
 from selfdistill.rollout import MetaMode, decode as decode_module
 from selfdistill.rollout.direct_step import DirectDecoder
 from selfdistill.rollout.hf import HFRolloutBackend, stop_token_ids
 from selfdistill.rollout.sampling import sample_tokens
-from tests.conftest import TINY_RUN, compose_config
+from tests.conftest import TINY_RUN, compose_config, random_tiny_model
 
 A, B, P = MetaMode.ALLOW, MetaMode.BAN, MetaMode.PLACEBO
 QUESTIONS = ("1+2", "17*3+5", "9", "100-7*2", "3*(4+5)")
@@ -35,13 +33,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny random model with large weights (std 0.3): varied greedy outputs, frequent EOS."""
-    torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer(ModelConfig(tiny=TinyModelConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64)))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
+    model, tok = random_tiny_model(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=16, intermediate_size=64)
     return model.eval(), tok
 
 
