@@ -1,7 +1,9 @@
 // The Python module of the extension (selfdistill.ops.cuda_ext builds it): the ops of
-// token_logprobs.cpp, policy_loss.cpp and contrast.cpp.
+// token_logprobs.cpp, policy_loss.cpp, contrast.cpp, fused_layers.cpp and decode_step.cpp.
 
 #include <torch/extension.h>
+
+#include "fused_layers.h"
 
 #include <optional>
 #include <tuple>
@@ -23,6 +25,13 @@ at::Tensor clipped_mean_min_forward(const at::Tensor& values, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> belief_shift_forward(const at::Tensor& belief_open, const at::Tensor& belief_close,
                                                         double clip, double eps);
 
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& attention_mask,
+                       const at::Tensor& cos_table, const at::Tensor& sin_table, const at::Tensor& embed,
+                       const at::Tensor& final_norm, const at::Tensor& lm_head, const at::Tensor& lm_head_bias,
+                       const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& keys,
+                       const std::vector<at::Tensor>& values, int64_t column, int64_t heads, int64_t kv_heads,
+                       double eps, double scaling);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_forward", &token_logprobs_forward,
         "(logp, entropy, stats) fp32 from logits [N, V] and targets [N] at 1 / temperature");
@@ -40,6 +49,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "NaN for no member");
   m.def("belief_shift_forward", &belief_shift_forward,
         "PMI-shift's (clip(close - open) float64 [R], flip int8 [R]) from float64 beliefs");
+  m.def("rms_norm_forward", &rms_norm_forward, "HF RMSNorm over the last dim (CPU): (y, rstd fp32 [rows])");
+  m.def("rms_norm_backward", &rms_norm_backward, "(dx, dweight) of rms_norm_forward from dy, x, weight, rstd");
+  m.def("rope_apply", &rope_apply,
+        "x * cos + rotate_half(x) * sin for x [B, H, T, D], cos/sin [B, T, D]; transpose: its adjoint (CPU)");
+  m.def("decode_step", &decode_step,
+        "logits [B, V] of one decode step of a Qwen3/Qwen2/Llama decoder from its weights and row KV cache (CPU)");
   m.attr("with_cuda") =
 #ifdef WITH_CUDA
       true;

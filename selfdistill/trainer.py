@@ -31,6 +31,7 @@ from selfdistill.eval import held_in_split
 from selfdistill.manifest import RunManifest, describe_data
 from selfdistill.metrics import MetricsLogger
 from selfdistill.models import load_model_and_tokenizer, meta_token_ids
+from selfdistill.ops import fused_layers
 from selfdistill.rewards.grader import Grader
 from selfdistill.rollout import build_rollout_backend
 from selfdistill.stages import STAGES, StageContext, TrainState
@@ -52,6 +53,7 @@ class Trainer:
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True)
         ops.set_backend(cfg.ops.backend)
+        fused_layers.set_mode(cfg.ops.fused_layers)
         engine = build_engine(cfg)
         self.manifest = RunManifest(run_dir, cfg, world_size=engine.world_size, device=str(engine.device),
                                     enabled=engine.is_main)
@@ -66,6 +68,7 @@ class Trainer:
     def _build(cfg: Config, run_dir: str, engine) -> StageContext:
         seed_everything(cfg.seed + engine.rank)
         model, tokenizer = load_model_and_tokenizer(cfg.model)
+        fused_layers.apply_fused_layers(model)  # CPU models: fused RMSNorm / SwiGLU / rotary (ops.fused_layers)
         model = engine.wrap(model)
         train_set, held_out = load_splits(cfg.data, tokenizer)  # tokenizer: data.max_prompt_tokens
         train_set, held_in = held_in_split(train_set, cfg.eval.val_size, cfg.data.val_path, cfg.data.decoy_seed)

@@ -12,10 +12,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from selfdistill import ops
 from selfdistill.algo import grpo
 from selfdistill.config import ModelConfig, TinyModelConfig
 from selfdistill.engine.memory import enable_autocast
 from selfdistill.models import load_model_and_tokenizer
+from selfdistill.ops import fused_layers
 from selfdistill.rollout import compiled, decode
 from selfdistill.rollout.direct_step import DirectDecoder, unsupported_reason
 from selfdistill.rollout.hf import HFRolloutBackend
@@ -47,11 +49,23 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
 @pytest.mark.parametrize("arch", sorted(MODELS))
-def test_direct_step_logits_equal_the_hf_forward(arch):
+def test_direct_step_logits_equal_the_hf_forward(arch, native):
+    """Both forms of the step: the C++ decode step (ops.fused_layers on) and the Python one (off)."""
     torch.manual_seed(1)
     model = _random(MODELS[arch]())
     assert unsupported_reason(model) is None
+    before = fused_layers.get_mode()
+    fused_layers.set_mode("on" if native else "off")
+    try:
+        _compare_direct_with_hf(model, arch, native)
+    finally:
+        fused_layers.set_mode(before)
+
+
+def _compare_direct_with_hf(model, arch, native):
+    ops.reset_call_counts()
     prefixes = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]  # left padding differs per row
     source = torch.tensor([0, 0, 1, 2, 1])
     with torch.no_grad():
@@ -61,6 +75,7 @@ def test_direct_step_logits_equal_the_hf_forward(arch):
         mask = torch.ones((5, P + 6), dtype=torch.long)
         mask[:, :P] = attn[source]
         direct = DirectDecoder(model)
+        assert direct.native == native
         for t in range(6):
             tokens = torch.randint(3, 60, (5, 1))
             positions = attn[source].sum(1, keepdim=True) + t
@@ -70,6 +85,7 @@ def test_direct_step_logits_equal_the_hf_forward(arch):
         for a, b in zip(caches[0].layers, caches[1].layers):  # the same keys and values appended
             torch.testing.assert_close(a.keys[:, :, : a.length], b.keys[:, :, : b.length], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(a.values[:, :, : a.length], b.values[:, :, : b.length], atol=1e-5, rtol=1e-5)
+    assert ops.call_counts().get(("decode_step", "fused_layers"), 0) == (6 if native else 0)
 
 
 def test_where_the_direct_step_does_not_apply():

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from selfdistill.config import Config, StageOptimConfig
 from selfdistill.engine.memory import LOW_PRECISION, enable_activation_checkpointing, enable_autocast, warn_low_precision_training
 from selfdistill.optim import build_optimizer
+from selfdistill.ops import fused_layers
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16}
 
@@ -286,6 +287,7 @@ class Engine:
         # Non-persistent buffers (rotary inv_freq) are not in a state dict; engines never shard them.
         for name, buf in self.unwrapped().named_buffers():
             model.get_buffer(name).copy_(buf)
+        fused_layers.apply_fused_layers(model)  # the layers the policy runs (a deepcopy keeps them too)
         return model.eval().requires_grad_(False)
 
     def _broadcast_from_rank0(self, model) -> None:

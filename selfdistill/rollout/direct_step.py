@@ -15,6 +15,12 @@ in fp32) on the query heads grouped onto their shared KV head, so the cache is n
 Only the attention kernel differs from the HF forward's SDPA: float rounding, far below what
 flips a sample (tests compare token ids with the HF-forward loop on fixed seeds).
 
+With `ops.fused_layers` enabled for the model's device (`selfdistill.ops.fused_layers`: CPU models,
+by default where the csrc extension builds) a step is one call of the C++ twin of `__call__`
+(`csrc/decode_step.cpp`: the same math over the same weights and cache, RMSNorm / rotary / SwiGLU as
+fused passes, cos/sin read from a table of the model's rotary module by position); else the Python
+step below.
+
 `DirectDecoder.build(model)` returns None where the step does not apply (another architecture, a
 sliding-window layer, another activation, sharded or not-gathered parameters, a wrapped
 `forward` such as the bf16 autocast wrapper); the decode loop then uses the HF forward.
@@ -28,6 +34,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from selfdistill.ops import fused_layers
+from selfdistill.ops.calls import record
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
@@ -92,6 +101,12 @@ class DirectDecoder:
         half = self.head_dim // 2
         # rotate_half(x) = cat(-x2, x1) = roll(x, half) * sign, sign = (-1 on the first half, +1 after)
         self.sign = torch.cat([torch.full((half,), -1.0), torch.ones(self.head_dim - half)]).to(self.embed)
+        self.native = fused_layers.enabled(self.embed.device) and self.embed.is_floating_point()
+        if self.native:
+            empty = self.embed.new_empty(0)
+            self._flat = [empty if t is None else t for layer in self.layers for t in vars(layer).values()]
+            self._lm_head_bias = empty if self.lm_head_bias is None else self.lm_head_bias
+            self._cos = self._sin = empty
 
     @staticmethod
     def _layer(layer) -> _Layer:
@@ -120,7 +135,29 @@ class DirectDecoder:
     def _rotate(self, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
         return x * cos + x.roll(self.head_dim // 2, -1) * sin_signed
 
+    def _rotary_table(self, n: int) -> None:
+        """cos/sin [n, head_dim] of positions 0..n-1 from the model's rotary module (a position's
+        values do not depend on the batch it is computed in)."""
+        positions = torch.arange(n, device=self.embed.device)[None]
+        cos, sin = self.rotary(self.embed[:1], positions)
+        self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()
+
+    def _native_step(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, cache) -> Tensor:
+        record("decode_step", "fused_layers")
+        column = cache.layers[0].length  # the column this step writes, for every row and layer
+        if self._cos.shape[0] < cache.capacity:
+            self._rotary_table(cache.capacity)
+        logits = fused_layers._ext().decode_step(
+            input_ids[:, 0], position_ids[:, 0], attention_mask, self._cos, self._sin, self.embed, self.norm, self.lm_head,
+            self._lm_head_bias, self._flat, [layer.keys for layer in cache.layers],
+            [layer.values for layer in cache.layers], column, self.heads, self.kv_heads, self.eps, self.scaling)
+        for layer in cache.layers:
+            layer.length = column + 1
+        return logits
+
     def __call__(self, model, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, cache) -> Tensor:
+        if self.native:
+            return self._native_step(input_ids, position_ids, attention_mask, cache)
         B = input_ids.shape[0]
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(input_ids[:, 0], self.embed)  # [B, hidden]
