@@ -8,7 +8,8 @@ Prompts are the synthetic task's, `--prompts` x `--n` rows (the n rows of a prom
 sampled at T=1 with per-row seeds, at most `--max-new-tokens` tokens each.
 
 Variants (one row each): `eager` (the default path: shared prefix prefill, finished rows leave the
-batch), `eager_no_prefix_sharing`, `eager_no_compaction`, `compiled` (rollout.compile: static
+batch; on CPU the csrc decode step of `ops.fused_layers`), `eager_python_step` (the same with the
+Python decode step: `ops.fused_layers=off`), `eager_no_prefix_sharing`, `eager_no_compaction`, `compiled` (rollout.compile: static
 cache + torch.compile; `compile_s` is the first call, compilation included) and
 `compiled_no_prefix_sharing`, and `hf_generate`: HF `model.generate(do_sample=True)` on the same
 rows, the path this repository used before (and TRL's default), as the reference point. Every
@@ -37,7 +38,8 @@ sys.path.insert(0, HERE)
 from bench_step import machine_description  # noqa: E402
 
 SHAPES = ("tiny", "qwen3-0.6b")
-VARIANTS = ("eager", "eager_no_prefix_sharing", "eager_no_compaction", "compiled", "compiled_no_prefix_sharing", "hf_generate")
+VARIANTS = ("eager", "eager_python_step", "eager_no_prefix_sharing", "eager_no_compaction", "compiled",
+            "compiled_no_prefix_sharing", "hf_generate")
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,9 +120,16 @@ def run_variant(variant: str, model, tok, rows, seeds, max_new: int):
                              top_p=1.0, temperature=1.0, max_new_tokens=max_new, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
         return out[:, ids.shape[1]:].cpu()
+    from selfdistill.ops import fused_layers
+
     backend = HFRolloutBackend(model, tok, share_prefix="no_prefix_sharing" not in variant, compact="no_compaction" not in variant)
-    batch = backend.generate(rows, [MetaMode.ALLOW] * len(rows), max_new_tokens=max_new, temperature=1.0, top_p=1.0,
-                             seeds=seeds, compile=variant.startswith("compiled"))
+    mode = fused_layers.get_mode()
+    fused_layers.set_mode("off" if variant == "eager_python_step" else mode)  # the Python decode step, not csrc's
+    try:
+        batch = backend.generate(rows, [MetaMode.ALLOW] * len(rows), max_new_tokens=max_new, temperature=1.0, top_p=1.0,
+                                 seeds=seeds, compile=variant.startswith("compiled"))
+    finally:
+        fused_layers.set_mode(mode)
     return batch.completion_ids
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_rollout_writes_rows_with_equal_tokens(tmp_path):
     out = tmp_path / "rollout.json"
-    variants = "eager,eager_no_prefix_sharing,eager_no_compaction,hf_generate"
+    variants = "eager,eager_python_step,eager_no_prefix_sharing,eager_no_compaction,hf_generate"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_rollout.py"), "--device", "cpu", "--shapes", "tiny", "--variants", variants,
            "--prompts", "2", "--n", "3", "--max-new-tokens", "6", "--reps", "1", "--threads", "1", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -137,10 +137,11 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
 
 
 def _fits(*tensors: Tensor) -> bool:
-    """The mode is not off and the tensors share one CPU float dtype (else HF's code runs: its dtype
-    promotion, its device)."""
+    """The mode is not off, nothing is being traced by torch.compile (the compiled decode step fuses
+    HF's code itself; an extension call would only break its graph), and the tensors share one CPU
+    float dtype (else HF's code runs: its dtype promotion, its device)."""
     first = tensors[0]
-    return _MODE != "off" and first.device.type == "cpu" and first.is_floating_point() and all(
+    return _MODE != "off" and not torch.compiler.is_compiling() and first.device.type == "cpu" and first.is_floating_point() and all(
         t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
 
 
