@@ -82,7 +82,9 @@ def enabled(device: torch.device | str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(reason: str) -> None:
-    log.warning("ops.fused_layers=auto: the csrc extension is unavailable (%s); CPU models keep HF's layers", reason)
+    log.warning("ops.fused_layers=auto: the csrc extension is unavailable (%s); CPU models keep HF's layers. "
+                "It needs a C++ compiler and ninja (`pip install ninja`, or the dev extra); "
+                "ops.fused_layers=off silences this", reason)
 
 
 def _ext():
