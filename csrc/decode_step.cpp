@@ -30,18 +30,6 @@
 
 namespace {
 
-constexpr int kLanes = 8;
-
-template <typename acc_t, typename scalar_t>
-acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
-  for (; i < n; ++i) lane[0] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
-
 // Scores of one query token per row against the row's cached keys, the H / Hkv query heads of a KV
 // head together (each key row read once for its group): scores [B * Hkv, group, L] in fp32 =
 // scaling * (q . k_j), -inf where attention_mask[b, j] == 0 (HF's eager attention adds the mask).
@@ -66,7 +54,7 @@ at::Tensor grouped_scores(const at::Tensor& q, const at::Tensor& keys, const at:
           const bool real = mp[b * L + j] != 0;
           for (int64_t g = 0; g < group; ++g) {
             // scores in the model dtype (HF: q k^T * scaling, then the mask), softmax in fp32 below
-            const scalar_t s = static_cast<scalar_t>(dot<acc_t>(qb + g * D, kb + j * s2, D) * static_cast<acc_t>(scaling));
+            const scalar_t s = static_cast<scalar_t>(dot_lanes<acc_t>(qb + g * D, kb + j * s2, D) * static_cast<acc_t>(scaling));
             out[g * L + j] = real ? static_cast<float>(s) : -std::numeric_limits<float>::infinity();
           }
         }

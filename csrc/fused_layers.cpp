@@ -22,19 +22,6 @@ constexpr int64_t kGrainElements = 32768;  // below this many elements a call ru
 
 int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, width)); }
 
-constexpr int kLanes = 8;  // partial sums per row reduction: one AVX register of floats
-
-// sum_i a[i] * b[i] in kLanes partial sums of acc_t, combined pairwise.
-template <typename acc_t, typename A, typename B>
-acc_t dot_lanes(const A* a, const B* b, int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
-  for (; i < n; ++i) lane[0] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
-
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (the fused layers are CPU kernels), got ",
               t.device());

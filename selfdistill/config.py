@@ -193,7 +193,7 @@ class EngineConfig:
 @dataclass
 class OpsConfig:
     backend: str = "auto"  # auto = triton on CUDA, torch on CPU
-    # CPU models: RMSNorm / SwiGLU / rotary forward+backward and the decode step as csrc kernels
+    # CPU models: RMSNorm / rotary forward+backward and the decode step as csrc kernels
     # (selfdistill.ops.fused_layers). auto = where the extension builds; on = required; off = HF's code
     fused_layers: str = "auto"
 

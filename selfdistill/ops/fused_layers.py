@@ -1,27 +1,30 @@
 """Fused CPU decoder layers (`ops.fused_layers`): the csrc kernels on the trainer's real path.
 
 On a CPU, a small decoder's step is dominated by memory passes and dispatch, not by its matmuls:
-autograd through HF's RMSNorm is ~6 elementwise passes forward and ~12 backward, SwiGLU's product
-and the rotary embedding a few more, each a trip through memory for the update's activations; a
-decode step is ~150 Python-dispatched ops. With `ops.fused_layers` on, a CPU model
+autograd through HF's RMSNorm is ~6 elementwise passes forward and ~12 backward, the rotary
+embedding a few more, each a trip through memory for the update's activations; a decode step is
+~150 Python-dispatched ops. With `ops.fused_layers` on, a CPU model
 
-- trains through `apply_fused_layers(model)`: its RMSNorm modules, SwiGLU MLPs and the rotary
-  embedding of Qwen3 / Qwen2 / Llama run the one-pass forward and backward kernels of
-  `csrc/fused_layers.cpp` (autograd functions below); other modules, other architectures and
-  tensors on another device keep HF's code;
+- trains through `apply_fused_layers(model)`: the RMSNorm modules and the rotary embedding of
+  Qwen3 / Qwen2 / Llama run the one-pass forward and backward kernels of `csrc/fused_layers.cpp`
+  (autograd functions below); other modules, other architectures, tensors on another device and
+  code traced by torch.compile keep HF's code. SwiGLU's product stays torch's: a one-pass kernel
+  with a scalar exp measured slower than torch's vectorised silu followed by a multiply;
 - decodes through `csrc/decode_step.cpp` (`selfdistill.rollout.direct_step.DirectDecoder`): one
   C++ call per decode step, the same math as the Python step.
 
-Numerics: the same formulas as HF's modules in the same precision (RMSNorm's sum of squares in
-double; the rotary forward is bitwise HF's in fp32); results differ from autograd through HF's
-modules by float rounding only (tests compare with HF's modules in fp64 and fp32).
+Numerics (SPEC is silent; chosen here): HF's formulas in HF's precision (fp32 math for fp32 / bf16
+inputs); RMSNorm's row sums of squares and its backward's row dot products in 8 partial fp32 sums
+(vectorised), the weight gradient per thread in fp32 and across threads in float64; the rotary
+forward is bitwise HF's in fp32. Results differ from autograd through HF's modules by float
+rounding only (tests compare with an fp64 reference and with HF's modules).
 
 Modes (`set_mode`, from `ops.fused_layers`): `auto` (default) uses the kernels when the csrc
 extension builds (a C++ compiler and ninja; built once, ~2 minutes on 2 cores, then cached in
 `TORCH_EXTENSIONS_DIR`), else HF's code with one warning; `on` requires them (an error names why
 they are unavailable); `off` never uses them. CUDA models keep HF's modules (there, fused kernels
-are Liger-Kernel's job); `call_counts()` of `selfdistill.ops` counts their calls under the backend "fused_layers"
-(`("rms_norm" | "swiglu" | "rope" | "decode_step", "fused_layers")`).
+are Liger-Kernel's job). `call_counts()` of `selfdistill.ops` counts their calls under the backend
+"fused_layers": `("rms_norm" | "rope" | "decode_step", "fused_layers")`.
 """
 
 from __future__ import annotations
@@ -178,9 +181,12 @@ def unsupported_reason(model) -> Optional[str]:
 
 
 def apply_fused_layers(model) -> bool:
-    """Route `model`'s RMSNorms, SwiGLU MLPs and rotary embedding through the fused kernels when the
+    """Route `model`'s RMSNorms and rotary embedding through the fused kernels when the
     mode allows it for its device (checked at each call: a model moved to CUDA keeps HF's code).
-    Returns whether anything was patched."""
+    The RMSNorms are patched per instance (a deepcopy stays patched, bound to its own weights); the
+    rotary embedding is the modeling module's function, so it is replaced module-wide by a
+    dispatcher that calls HF's original for anything but same-dtype CPU tensors outside tracing,
+    and for every model while the mode is off. Returns whether anything was patched."""
     device = next(model.parameters()).device
     reason = unsupported_reason(model)
     if reason is not None or not enabled(device):

@@ -17,9 +17,9 @@ flips a sample (tests compare token ids with the HF-forward loop on fixed seeds)
 
 With `ops.fused_layers` enabled for the model's device (`selfdistill.ops.fused_layers`: CPU models,
 by default where the csrc extension builds) a step is one call of the C++ twin of `__call__`
-(`csrc/decode_step.cpp`: the same math over the same weights and cache, RMSNorm / rotary / SwiGLU as
-fused passes, cos/sin read from a table of the model's rotary module by position); else the Python
-step below.
+(`csrc/decode_step.cpp`: the same math over the same weights and cache, RMSNorm / rotary as fused
+passes, attention as loops over each row's cached columns, cos/sin read from a table of the model's
+rotary module by position); else the Python step below.
 
 `DirectDecoder.build(model)` returns None where the step does not apply (another architecture, a
 sliding-window layer, another activation, sharded or not-gathered parameters, a wrapped
