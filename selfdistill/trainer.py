@@ -68,7 +68,7 @@ class Trainer:
     def _build(cfg: Config, run_dir: str, engine) -> StageContext:
         seed_everything(cfg.seed + engine.rank)
         model, tokenizer = load_model_and_tokenizer(cfg.model)
-        fused_layers.apply_fused_layers(model)  # CPU models: fused RMSNorm / rotary (ops.fused_layers)
+        fused_layers.apply_fused_layers(model, engine.device)  # CPU runs: fused RMSNorm / rotary (ops.fused_layers)
         model = engine.wrap(model)
         train_set, held_out = load_splits(cfg.data, tokenizer)  # tokenizer: data.max_prompt_tokens
         train_set, held_in = held_in_split(train_set, cfg.eval.val_size, cfg.data.val_path, cfg.data.decoy_seed)

@@ -184,3 +184,13 @@ def test_the_trainer_trains_and_decodes_through_the_kernels(tiny_config, tmp_pat
         rows = [json.loads(line) for line in open(tmp_path / setting / "metrics.jsonl")]
         losses[setting] = [r for r in rows if "loss" in r][-1]["loss"]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4, abs=1e-6)
+
+
+def test_a_model_bound_for_cuda_is_left_alone(mode, monkeypatch):
+    """The trainer loads on the CPU and moves to the engine's device: for a CUDA run nothing is
+    patched and the extension is never built."""
+    mode("on")
+    monkeypatch.setattr(fused_layers, "_unavailable", lambda: pytest.fail("the extension was built for a CUDA run"))
+    model, _ = _patched_pair()
+    assert not fused_layers.apply_fused_layers(model, torch.device("cuda", 0))
+    assert "forward" not in vars(model.model.norm)

@@ -180,14 +180,16 @@ def unsupported_reason(model) -> Optional[str]:
     return None
 
 
-def apply_fused_layers(model) -> bool:
+def apply_fused_layers(model, device: torch.device | str | None = None) -> bool:
     """Route `model`'s RMSNorms and rotary embedding through the fused kernels when the
     mode allows it for its device (checked at each call: a model moved to CUDA keeps HF's code).
     The RMSNorms are patched per instance (a deepcopy stays patched, bound to its own weights); the
     rotary embedding is the modeling module's function, so it is replaced module-wide by a
     dispatcher that calls HF's original for anything but same-dtype CPU tensors outside tracing,
-    and for every model while the mode is off. Returns whether anything was patched."""
-    device = next(model.parameters()).device
+    and for every model while the mode is off. `device`: where the model will run (default: where
+    its parameters are; the trainer passes the engine's, so a model loaded on the CPU for a GPU run
+    neither builds the extension nor gets patched). Returns whether anything was patched."""
+    device = device if device is not None else next(model.parameters()).device
     reason = unsupported_reason(model)
     if reason is not None or not enabled(device):
         if reason is not None and _MODE == "on":
