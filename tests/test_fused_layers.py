@@ -133,6 +133,10 @@ def test_patched_training_forward_matches_hf(mode):
         outs.append((logits, {n: p.grad for n, p in model.named_parameters()}))
     counts = ops.call_counts()
     assert counts[("rms_norm", "fused_layers")] == 2 * 4 + 1 and counts[("rope", "fused_layers")] == 2  # 2 layers
+    ops.reset_call_counts()
+    with torch.no_grad():
+        plain(input_ids=ids)  # mode on, but never patched: HF's layers, the rotary too (module-wide dispatcher)
+    assert not ops.call_counts()
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -194,3 +198,26 @@ def test_a_model_bound_for_cuda_is_left_alone(mode, monkeypatch):
     model, _ = _patched_pair()
     assert not fused_layers.apply_fused_layers(model, torch.device("cuda", 0))
     assert "forward" not in vars(model.model.norm)
+
+
+def test_activation_checkpointing_recomputes_through_the_kernels(mode):
+    """model.gradient_checkpointing: the recompute in the backward runs the fused layers again and
+    the gradients equal the run without checkpointing."""
+    from selfdistill.engine.memory import enable_activation_checkpointing
+
+    mode("on")
+    fused, checkpointed = _patched_pair()
+    for model in (fused, checkpointed):
+        assert fused_layers.apply_fused_layers(model)
+    enable_activation_checkpointing(checkpointed)
+    ids = torch.randint(3, 60, (2, 15), generator=torch.Generator().manual_seed(4))
+    grads, rope_calls = [], []
+    for model in (fused, checkpointed):
+        model.train()
+        ops.reset_call_counts()
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+        rope_calls.append(ops.call_counts()[("rope", "fused_layers")])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert rope_calls == [2, 4]  # 2 layers; checkpointed: forward + recompute
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import types
 from typing import Optional
 
@@ -42,6 +43,7 @@ from selfdistill.ops.calls import record
 MODES = ("auto", "on", "off")
 PATCHED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 _MODE = "auto"
+_IN_PATCHED_ATTENTION = threading.local()  # .on: inside the forward of an attention module apply_fused_layers patched
 log = logging.getLogger(__name__)
 
 
@@ -156,13 +158,26 @@ def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     return type(self).forward(self, hidden_states)
 
 
+def _attention_forward(self, *args, **kwargs):
+    """A patched model's attention: its class's forward, with the rotary dispatcher switched on (HF
+    calls `apply_rotary_pos_emb` from inside it; an activation-checkpointing recompute comes back
+    through here too)."""
+    before = getattr(_IN_PATCHED_ATTENTION, "on", False)
+    _IN_PATCHED_ATTENTION.on = True
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _IN_PATCHED_ATTENTION.on = before
+
+
 def _rope_dispatch(original):
     """The modeling module's `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`, through the
-    kernel for CPU tensors of one dtype (q/k [B, H, T, D], cos/sin [B, T, D]); the original otherwise."""
+    kernel inside a patched attention module for CPU tensors of one dtype (q/k [B, H, T, D],
+    cos/sin [B, T, D]); HF's original for every other call (other models of the architecture)."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if (unsqueeze_dim == 1 and cos.dim() == 3 and q.dim() == 4 and k.dim() == 4
-                and q.shape[-1] == cos.shape[-1] and q.shape[-1] % 2 == 0 and _fits(q, k, cos, sin)):
+        if (getattr(_IN_PATCHED_ATTENTION, "on", False) and unsqueeze_dim == 1 and cos.dim() == 3 and q.dim() == 4
+                and k.dim() == 4 and q.shape[-1] == cos.shape[-1] and q.shape[-1] % 2 == 0 and _fits(q, k, cos, sin)):
             return rope(q, k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
@@ -183,10 +198,10 @@ def unsupported_reason(model) -> Optional[str]:
 def apply_fused_layers(model, device: torch.device | str | None = None) -> bool:
     """Route `model`'s RMSNorms and rotary embedding through the fused kernels when the
     mode allows it for its device (checked at each call: a model moved to CUDA keeps HF's code).
-    The RMSNorms are patched per instance (a deepcopy stays patched, bound to its own weights); the
-    rotary embedding is the modeling module's function, so it is replaced module-wide by a
-    dispatcher that calls HF's original for anything but same-dtype CPU tensors outside tracing,
-    and for every model while the mode is off. `device`: where the model will run (default: where
+    The RMSNorms and attention modules are patched per instance (a deepcopy stays patched, bound to
+    its own weights); the rotary embedding is the modeling module's function, replaced once by a
+    dispatcher that runs the kernel only inside a patched attention module (else HF's original:
+    other models of the architecture are untouched). `device`: where the model will run (default: where
     its parameters are; the trainer passes the engine's, so a model loaded on the CPU for a GPU run
     neither builds the extension nor gets patched). Returns whether anything was patched."""
     device = device if device is not None else next(model.parameters()).device
@@ -204,4 +219,6 @@ def apply_fused_layers(model, device: torch.device | str | None = None) -> bool:
         kind = type(module).__name__
         if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rms_norm_forward, module)
+        elif kind.endswith("Attention") and hasattr(module, "q_proj"):
+            module.forward = types.MethodType(_attention_forward, module)
     return True
