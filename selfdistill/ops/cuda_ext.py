@@ -78,7 +78,8 @@ def extension():
             with open(os.path.join(_csrc_dir(), name), "rb") as f:
                 digest.update(name.encode() + f.read())
     simd = _host_simd_flags()
-    log.info("building the csrc extension on first use (about 2 minutes on 2 cores; cached in TORCH_EXTENSIONS_DIR)")
+    log.info("loading the csrc extension (the first use builds it: about 2 minutes on 2 cores, then cached in "
+             "TORCH_EXTENSIONS_DIR)")
     return load(
         name=f"selfdistill_csrc_{'cuda' if with_cuda else 'cpu'}{'_avx2' if simd else ''}_{digest.hexdigest()[:10]}",
         sources=sources(with_cuda),
