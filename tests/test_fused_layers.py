@@ -221,3 +221,35 @@ def test_activation_checkpointing_recomputes_through_the_kernels(mode):
     assert rope_calls == [2, 4]  # 2 layers; checkpointed: forward + recompute
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_cpp_decode_step_in_bf16_matches_the_python_step(mode):
+    """model.dtype=bfloat16 on a CPU: the C++ step's error against the fp32 model is no worse than
+    twice the Python bf16 step's (HF's casts kept), and it writes the same keys and values."""
+    from selfdistill.rollout.direct_step import DirectDecoder
+    from selfdistill.rollout.kv_cache import GrowingLayer
+
+    fp32 = _patched_pair()[0].eval()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    B, L, cap = 5, 9, 12
+    torch.manual_seed(5)
+    keys = [torch.randn(B, 2, cap, 16, dtype=torch.bfloat16) for _ in range(2)]
+    values = [torch.randn(B, 2, cap, 16, dtype=torch.bfloat16) for _ in range(2)]
+    ids, pos = torch.randint(3, 60, (B, 1)), torch.arange(B)[:, None] + 3
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, :2] = 0
+    outs = {}
+    for name, model, setting in (("fp32", fp32, "off"), ("python", bf16, "off"), ("cpp", bf16, "on")):
+        mode(setting)
+        dtype = next(model.parameters()).dtype
+        cache = type("Cache", (), {})()
+        cache.layers = [GrowingLayer(k.to(dtype), v.to(dtype), L - 1) for k, v in zip(keys, values)]
+        cache.capacity = cap
+        step = DirectDecoder(model)
+        assert step.native == (name == "cpp")
+        with torch.no_grad():
+            outs[name] = (step(model, ids, pos, mask, cache).float(), cache.layers[1].keys[:, :, L - 1].float())
+    err_cpp = (outs["cpp"][0] - outs["fp32"][0]).abs().max().item()
+    err_python = (outs["python"][0] - outs["fp32"][0]).abs().max().item()
+    assert 0 < err_python and err_cpp <= 2 * err_python, (err_cpp, err_python)
+    torch.testing.assert_close(outs["cpp"][1], outs["python"][1], atol=0.05, rtol=0.02)
