@@ -49,7 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "NaN for no member");
   m.def("belief_shift_forward", &belief_shift_forward,
         "PMI-shift's (clip(close - open) float64 [R], flip int8 [R]) from float64 beliefs");
-  m.def("rms_norm_forward", &rms_norm_forward, "HF RMSNorm over the last dim (CPU): (y, rstd fp32 [rows])");
+  m.def("rms_norm_forward", &rms_norm_forward, "HF RMSNorm over the last dim (CPU): (y, rstd float64 [rows])");
   m.def("rms_norm_backward", &rms_norm_backward, "(dx, dweight) of rms_norm_forward from dy, x, weight, rstd");
   m.def("rope_apply", &rope_apply,
         "x * cos + rotate_half(x) * sin for x [B, H, T, D], cos/sin [B, T, D]; transpose: its adjoint (CPU)");

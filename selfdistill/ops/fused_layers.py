@@ -41,7 +41,6 @@ from torch import Tensor
 from selfdistill.ops.calls import record
 
 MODES = ("auto", "on", "off")
-PATCHED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 _MODE = "auto"
 _IN_PATCHED_ATTENTION = threading.local()  # .on: inside the forward of an attention module apply_fused_layers patched
 log = logging.getLogger(__name__)
@@ -182,14 +181,15 @@ def _rope_dispatch(original):
         return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
     apply_rotary_pos_emb.selfdistill_fused = True
-    apply_rotary_pos_emb.original = original
     return apply_rotary_pos_emb
 
 
 def unsupported_reason(model) -> Optional[str]:
+    from selfdistill.rollout.direct_step import SUPPORTED_ARCHITECTURES  # the decoders both paths know
+
     name = type(model).__name__
-    if name not in PATCHED_ARCHITECTURES:
-        return f"architecture {name} (fused layers for: {', '.join(PATCHED_ARCHITECTURES)})"
+    if name not in SUPPORTED_ARCHITECTURES:
+        return f"architecture {name} (fused layers for: {', '.join(SUPPORTED_ARCHITECTURES)})"
     if getattr(model.config, "hidden_act", None) != "silu":
         return f"hidden_act={getattr(model.config, 'hidden_act', None)!r} (fused: 'silu')"
     return None

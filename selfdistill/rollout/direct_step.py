@@ -101,7 +101,7 @@ class DirectDecoder:
         half = self.head_dim // 2
         # rotate_half(x) = cat(-x2, x1) = roll(x, half) * sign, sign = (-1 on the first half, +1 after)
         self.sign = torch.cat([torch.full((half,), -1.0), torch.ones(self.head_dim - half)]).to(self.embed)
-        self.native = fused_layers.enabled(self.embed.device) and self.embed.is_floating_point()
+        self.native = fused_layers.enabled(self.embed.device)
         if self.native:
             empty = self.embed.new_empty(0)
             self._flat = [empty if t is None else t for layer in self.layers for t in vars(layer).values()]
