@@ -253,3 +253,22 @@ def test_cpp_decode_step_in_bf16_matches_the_python_step(mode):
     err_python = (outs["python"][0] - outs["fp32"][0]).abs().max().item()
     assert 0 < err_python and err_cpp <= 2 * err_python, (err_cpp, err_python)
     torch.testing.assert_close(outs["cpp"][1], outs["python"][1], atol=0.05, rtol=0.02)
+
+
+def test_hand_worked_rms_norm_and_rotation():
+    """x = [3, 4], w = [1, 2], eps = 0: mean(x^2) = 12.5, rstd = 1/sqrt(12.5), y = [0.848528, 2.262742];
+    with dy = [1, 0]: xhat = [0.848528, 1.131371], mean(dy w xhat) = 0.424264, dx = rstd ([1, 0] -
+    0.424264 xhat) = [0.181019, -0.135765], dw = dy xhat = [0.848528, 0]. The rotary embedding at
+    90 degrees turns [1, 2] into [-2, 1]; its adjoint takes dy = [1, 0] to [0, -1]."""
+    x = torch.tensor([[3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    y = fused_layers.rms_norm(x, w, 0.0)
+    y.backward(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(y, torch.tensor([[0.848528137, 2.262741700]], dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(x.grad, torch.tensor([[0.181019336, -0.135764502]], dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(w.grad, torch.tensor([0.848528137, 0.0], dtype=torch.float64), atol=1e-9, rtol=0)
+    q = torch.tensor([1.0, 2.0], dtype=torch.float64).view(1, 1, 1, 2)
+    cos, sin = torch.zeros(1, 1, 2, dtype=torch.float64), torch.ones(1, 1, 2, dtype=torch.float64)
+    assert extension().rope_apply(q, cos, sin, False).flatten().tolist() == [-2.0, 1.0]
+    dy = torch.tensor([1.0, 0.0], dtype=torch.float64).view(1, 1, 1, 2)
+    assert extension().rope_apply(dy, cos, sin, True).flatten().tolist() == [0.0, -1.0]
